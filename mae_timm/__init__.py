@@ -5,6 +5,7 @@ Importing the package registers its models with timm (``timm.list_models('mae_*'
 
 __version__ = "0.1.0"
 
+from mae_timm import models  # noqa: E402,F401  (registers the models with timm)
 from mae_timm.layers import (  # noqa: E402
     block_masking,
     gather_tokens,
@@ -17,7 +18,6 @@ from mae_timm.layers import (  # noqa: E402
     restore_tokens,
     unpatchify,
 )
-from mae_timm import models  # noqa: E402,F401  (registers the models with timm)
 from mae_timm.models.convert import create_timm_encoder, encoder_kwargs, export_encoder  # noqa: E402
 
 __all__ = [

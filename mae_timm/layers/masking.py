@@ -84,7 +84,10 @@ def random_masking(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by shuffling, as in MAE: x (N, L, D) -> (x_visible (N, len_keep, D), mask, ids_restore)."""
+    """Per-sample random masking by shuffling, as in MAE.
+
+    x (N, L, D) -> x_visible (N, len_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L).
+    """
     batch, length, _ = x.shape
     ids_keep, mask, ids_restore = random_masking_ids(
         batch, length, mask_ratio, noise=noise, generator=generator, device=x.device
@@ -93,7 +96,7 @@ def random_masking(
 
 
 def restore_tokens(x_visible: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-    """Put visible tokens (N, K, D) back at their positions and ``mask_token`` (1, 1, D) at removed ones -> (N, L, D)."""
+    """Visible tokens (N, K, D) back at their own positions, ``mask_token`` (1, 1, D) at removed ones -> (N, L, D)."""
     batch, len_keep, dim = x_visible.shape
     length = ids_restore.shape[1]
     mask_tokens = mask_token.to(x_visible.dtype).expand(batch, length - len_keep, dim)
