@@ -1,7 +1,8 @@
 """Pretext models; importing this package registers them with timm."""
 
-from mae_timm.models import mae, mae_early  # noqa: F401  (registration)
+from mae_timm.models import apl, mae, mae_early  # noqa: F401  (registration)
+from mae_timm.models.apl import APLViT
 from mae_timm.models.mae import MaskedAutoencoderViT
 from mae_timm.models.mae_early import EarlyMaskViT
 
-__all__ = ["EarlyMaskViT", "MaskedAutoencoderViT"]
+__all__ = ["APLViT", "EarlyMaskViT", "MaskedAutoencoderViT"]
