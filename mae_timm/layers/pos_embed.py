@@ -45,13 +45,17 @@ def resample_pos_embed(
     old_grid: tuple[int, int] | None = None,
     num_prefix_tokens: int = 1,
 ) -> torch.Tensor:
-    """Resample a (1, prefix + gh*gw, D) table to ``new_grid`` in 2-D (bicubic); prefix rows are kept as they are."""
+    """Resample a (1, prefix + gh*gw, D) table to ``new_grid`` in 2-D; prefix rows are kept as they are.
+
+    Plain bicubic without antialiasing, as the official ``interpolate_pos_embed`` (and HF's encoder) do, so a
+    checkpoint loaded at another size gives the official fine-tuning numerics.
+    """
     return resample_abs_pos_embed(
         pos_embed,
         new_size=list(new_grid),
         old_size=list(old_grid) if old_grid is not None else None,
         num_prefix_tokens=num_prefix_tokens,
         interpolation="bicubic",
-        antialias=True,
+        antialias=False,
         verbose=False,
     )
