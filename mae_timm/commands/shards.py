@@ -1,0 +1,53 @@
+"""``mae-timm shards {tiny-imagenet,imagefolder,fashion-mnist} --src SRC --out DIR``: write WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mae_timm.data import DataError, fashion_mnist, imagefolder, tiny_imagenet, write_source
+from mae_timm.data.sources import FASHION_MNIST_ROOT
+
+SOURCES = ("tiny-imagenet", "imagefolder", "fashion-mnist")
+DEFAULT_SPLITS = {"tiny-imagenet": "train,validation", "imagefolder": None, "fashion-mnist": "train,validation"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("source", choices=SOURCES, help="kind of input")
+    parser.add_argument("--src", help="tiny-imagenet: the zip, its folder or a URL (http/https/file); imagefolder: "
+                        f"root/<split>/<class>/<image>; fashion-mnist: IDX folder (default {FASHION_MNIST_ROOT})")
+    parser.add_argument("--out", required=True, help="shard directory (created; shards already complete are kept)")
+    parser.add_argument("--splits", help="comma-separated splits (train, validation, test); default: "
+                        "train,validation (imagefolder: the split folders present)")
+    parser.add_argument("--md5", help="expected md5 of the downloaded/given zip (the official URL is always checked)")
+    parser.add_argument("--download-dir", default="~/.cache/mae_timm", help="where a URL source is downloaded")
+    parser.add_argument("--shard-size", type=int, default=5000, help="most samples per shard")
+    parser.add_argument("--min-shards", type=int, default=16, help="fewest shards per split (for workers x ranks)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train split's shuffle before writing")
+    parser.add_argument("--limit", type=int, help="fashion-mnist: keep the first N images of each split")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace, name: str) -> int:
+    splits = args.splits or DEFAULT_SPLITS[args.source]
+    splits = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
+    try:
+        if args.source == "tiny-imagenet":
+            if not args.src:
+                raise DataError("tiny-imagenet needs --src (the zip, its extracted folder, or a URL)")
+            data = tiny_imagenet(args.src, splits, md5=args.md5, download_dir=args.download_dir,
+                                 progress=not args.quiet)  # fmt: skip
+        elif args.source == "imagefolder":
+            if not args.src:
+                raise DataError("imagefolder needs --src (root/<split>/<class>/<image> or root/<class>/<image>)")
+            data = imagefolder(args.src, splits)
+        else:
+            data = fashion_mnist(args.src or FASHION_MNIST_ROOT, splits, limit=args.limit)
+        info = write_source(args.out, data, shard_size=args.shard_size, min_shards=args.min_shards, seed=args.seed,
+                            progress=not args.quiet)  # fmt: skip
+    except DataError as exn:
+        print(f"mae-timm {name}: error: {exn}", file=sys.stderr)
+        return 2
+    for split, entry in info["splits"].items():
+        print(f"{args.out}: {split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards")
+    return 0

@@ -1,0 +1,34 @@
+"""The data path: sources -> WebDataset shards -> streaming loader -> device-side augmentation.
+
+See docs/data.md. Independent of the models: nothing here imports ``mae_timm.models``.
+"""
+
+from mae_timm.data.gpu_aug import GpuAugment, random_resized_crop_boxes
+from mae_timm.data.loader import ShardLoader, create_loader, resolve_shards, shards_for_reader
+from mae_timm.data.shards import file_sha256, read_info, write_shards, write_source
+from mae_timm.data.sources import DataError, Sample, SampleList, SourceData, fashion_mnist, imagefolder, read_idx
+from mae_timm.data.tiny_imagenet import TINY_IMAGENET_MD5, TINY_IMAGENET_URL, download, tiny_imagenet
+
+__all__ = [
+    "TINY_IMAGENET_MD5",
+    "TINY_IMAGENET_URL",
+    "DataError",
+    "GpuAugment",
+    "Sample",
+    "SampleList",
+    "ShardLoader",
+    "SourceData",
+    "create_loader",
+    "download",
+    "fashion_mnist",
+    "file_sha256",
+    "imagefolder",
+    "random_resized_crop_boxes",
+    "read_idx",
+    "read_info",
+    "resolve_shards",
+    "shards_for_reader",
+    "tiny_imagenet",
+    "write_shards",
+    "write_source",
+]

@@ -1,0 +1,490 @@
+"""Stream WebDataset shards into uint8 image batches: shards -> samples -> decode -> crop -> batch, in workers.
+
+Reading order per epoch (every stage seeded from ``(seed, epoch)`` and, below the shard split, the reader)::
+
+    shard list --shuffle(seed, epoch)--> rank's shards --> worker's shards     (or: resampled with replacement)
+      --> tar samples --shuffle buffer--> decode to RGB --> crop (+ flip) --> batch --> (N, 3, H, W) uint8, (N,) int64
+
+Training epochs hold exactly ``len(loader)`` batches on every rank (``with_epoch``: a worker that runs out of
+shards reads them again, one that has more stops early), so DDP ranks never wait on each other. Evaluation
+reads every sample once, in shard order, keeping a partial last batch per worker.
+
+Bad input never stops an epoch: an image that does not decode is skipped, counted in ``loader.errors`` and
+logged; a damaged shard loses only the samples after the damage. Shards that are missing, or a pattern that
+names none, are reported before any worker starts.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+import tarfile
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys
+
+from mae_timm.data.shards import INFO_NAME, read_info
+from mae_timm.data.sources import DataError
+
+__all__ = [
+    "ShardLoader",
+    "ShardSet",
+    "create_loader",
+    "decode_sample",
+    "center_crop_box",
+    "random_resized_crop_box",
+    "resolve_shards",
+    "shards_for_reader",
+]
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+# what a broken image raises in PIL (truncated data, bad header, missing field, absurd size)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, KeyError, Image.DecompressionBombError)
+MAX_READERS = 1024  # rows of the shared error-count table (rank-local workers)
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split: urls, their sample counts when known, and the dataset's metadata."""
+
+    urls: list[str]
+    shard_lengths: list[int] | None  # None when the shards came without an _info.json
+    num_samples: int | None
+    info: dict = field(default_factory=dict)  # the _info.json, {} without one
+
+
+def _local_path(url: str) -> str | None:
+    """The file path of a local url (plain path or file://), None for remote ones."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return urllib.parse.unquote(parsed.path)
+    if parsed.scheme in ("", ) or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
+        return url
+    return None
+
+
+def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, dict]:
+    """Shard lengths of local shard urls from an _info.json beside them, if one lists them all."""
+    paths = [_local_path(u) for u in urls]
+    folders = {os.path.dirname(p) for p in paths if p is not None}
+    if None in paths or len(folders) != 1 or not os.path.isfile(os.path.join(folders.pop() or ".", INFO_NAME)):
+        return None, {}
+    info = read_info(os.path.dirname(paths[0]) or ".")
+    lengths = {}
+    for split in info.get("splits", {}).values():
+        lengths.update(zip(split["filenames"], split["shard_lengths"]))
+    names = [os.path.basename(p) for p in paths]
+    if not all(n in lengths for n in names):
+        return None, info
+    return [lengths[n] for n in names], info
+
+
+def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
+    """The shards of ``split``: ``source`` is a shard directory (with _info.json), a brace pattern, or a list of
+    urls. Local shards that are missing or an empty pattern raise :class:`DataError` here, before any work."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        info = read_info(source)
+        splits = info.get("splits", {})
+        if split not in splits:
+            raise DataError(f"{source} has no split {split!r} (it has {sorted(splits)}); write it with mae-timm shards")
+        entry = splits[split]
+        urls = [os.path.join(str(source), name) for name in entry["filenames"]]
+        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info)
+    else:
+        urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]
+        lengths, info = _lengths_from_info(urls) if urls else (None, {})
+        shard_set = ShardSet(urls, lengths, num_samples or (sum(lengths) if lengths else None), info)
+    if not shard_set.urls:
+        raise DataError(f"no shards in {source!r} for split {split!r}")
+    missing = [u for u in shard_set.urls if (p := _local_path(u)) is not None and not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(shard_set.urls)} shards are missing, first {missing[0]}")
+    return shard_set
+
+
+def shards_for_reader(
+    urls: Sequence[str],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    shuffle: bool,
+    repetition: int = 0,
+) -> list[str]:
+    """The shards one reader (``worker`` of ``num_workers`` on ``rank`` of ``world_size``) reads in one pass.
+
+    All readers shuffle the full list with the same ``(seed, epoch, repetition)`` before taking their slice, so
+    the readers of one pass get disjoint shards that together cover the list.
+    """
+    order = list(urls)
+    if shuffle:
+        random.Random(f"shards-{seed}-{epoch}-{repetition}").shuffle(order)
+    return order[rank::world_size][worker::num_workers]
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: random.Random, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """A random crop ``(left, top, crop_width, crop_height)`` covering ``scale`` of the area with aspect in
+    ``ratio`` (log-uniform); after 10 misses, the largest central crop whose aspect fits ``ratio``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = round(math.sqrt(target_area * aspect))
+        crop_h = round(math.sqrt(target_area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
+    aspect = width / height
+    if aspect < ratio[0]:
+        crop_w, crop_h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        crop_w, crop_h = round(height * ratio[1]), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+def center_crop_box(width: int, height: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """The central square ``(left, top, right, bottom)`` that resize-shorter-side-to-``size / crop_pct`` followed
+    by center-crop-to-``size`` keeps, in input pixels."""
+    side = min(width, height) * crop_pct
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def decode_sample(sample: dict) -> tuple[Image.Image, int]:
+    """A tar sample as an RGB image (grayscale and palette images converted) and its class (-1: unlabeled)."""
+    data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+    if data is None:
+        raise KeyError(f"no image field ({'/'.join(IMAGE_FIELDS)}) in sample")
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image, int(sample["cls"]) if "cls" in sample else -1
+
+
+def train_crop(image: Image.Image, img_size: int, rng: random.Random, scale=(0.2, 1.0)) -> np.ndarray:
+    """RandomResizedCrop (bicubic) + horizontal flip: RGB image -> (img_size, img_size, 3) uint8."""
+    left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, rng, scale)
+    out = image.resize((img_size, img_size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+def eval_crop(image: Image.Image, img_size: int, crop_pct: float) -> np.ndarray:
+    """Resize the shorter side to ``img_size / crop_pct`` and take the central square (bicubic): -> (S, S, 3)."""
+    box = center_crop_box(image.width, image.height, crop_pct)
+    if image.size == (img_size, img_size) and box == (0, 0, img_size, img_size):
+        return np.asarray(image)
+    return np.asarray(image.resize((img_size, img_size), Image.BICUBIC, box=box))
+
+
+def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (H, W, 3) uint8 images and class ids into ((N, 3, H, W) uint8, (N,) int64)."""
+    images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3)
+    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    return images.permute(0, 3, 1, 2).contiguous(), labels  # (N, 3, H, W)
+
+
+class DamagedShard(Exception):
+    """A tar shard that ends early or has a broken header."""
+
+
+def _ustar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of the regular files of an uncompressed tar held in memory, in order.
+
+    Reads the USTAR headers that webdataset's writer emits (the stdlib's streaming ``tarfile`` costs ~60 us per
+    member, this ~5 us). Raises :class:`DamagedShard` where the archive is truncated or a header checksum fails,
+    after yielding every member before the damage; ``NotImplementedError`` on pax / GNU long-name headers.
+    """
+    offset = 0
+    while offset + 512 <= len(data):
+        header = data[offset : offset + 512]
+        if header.count(0) == 512:  # end-of-archive block
+            return
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the checksum field counts as 8 spaces
+            raise DamagedShard(f"bad tar header checksum at byte {offset}")
+        kind = header[156:157]
+        if kind in (b"x", b"g", b"L", b"K"):
+            raise NotImplementedError("pax or GNU long-name tar header")
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        start = offset + 512
+        if start + size > len(data):
+            raise DamagedShard(f"tar member at byte {offset} ends beyond the end of the shard ({len(data)} bytes)")
+        if kind in (b"0", b"\0"):
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            yield (f"{prefix}/{name}" if prefix else name), data[start : start + size]
+        offset = start + (size + 511) // 512 * 512
+    raise DamagedShard(f"tar ends at byte {len(data)} without its end-of-archive block")
+
+
+def tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """``(name, bytes)`` of the regular files of a tar in memory; the fast USTAR path, else the stdlib's reader."""
+    try:
+        yield from _ustar_members(data)
+    except NotImplementedError:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if member.isreg():
+                    yield member.name, tar.extractfile(member).read()
+
+
+@dataclass
+class _Stream:
+    """The per-epoch state and stages of the reading pipeline; pickled into every DataLoader worker."""
+
+    urls: list[str]
+    batch_size: int
+    train: bool
+    img_size: int
+    seed: int
+    rank: int
+    world_size: int
+    resampled: bool
+    crop_on_device: bool  # train: only decode + fixed-size center crop here, crop + flip on the device
+    crop_pct: float
+    scale: tuple[float, float]
+    shuffle_buffer: int
+    errors: torch.Tensor  # (MAX_READERS, 2) shared int64 counts per worker: undecodable images, shard errors
+    epoch: int = 0
+    repetition: int = 0  # passes over this reader's shards within the epoch (with_epoch repeats)
+
+    def _reader(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _rng(self, purpose: str) -> random.Random:
+        worker, _ = self._reader()
+        return random.Random(f"{purpose}-{self.seed}-{self.epoch}-{self.rank}-{worker}-{self.repetition}")
+
+    def shards(self) -> Iterator[dict]:
+        """This reader's shard urls for the current pass."""
+        worker, num_workers = self._reader()
+        if self.resampled:
+            rng = self._rng("resample")
+            while True:
+                yield dict(url=rng.choice(self.urls))
+        urls = shards_for_reader(self.urls, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                                 world_size=self.world_size, worker=worker, num_workers=num_workers,
+                                 shuffle=self.train, repetition=self.repetition)  # fmt: skip
+        # the shuffle and augment stages took their generators for this pass already (they pull first)
+        self.repetition += 1
+        for url in urls:
+            yield dict(url=url)
+
+    def tar_files(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """The files of each shard in order; a shard that cannot be read or breaks off is counted once, logged,
+        and left at the damage (the files before it are kept)."""
+        for shard in shards:
+            url = shard["url"]
+            try:
+                with wds.gopen(url) as stream:
+                    data = stream.read()
+                for name, value in tar_members(data):
+                    if not name.startswith("__") and "/__" not in name:  # webdataset's metadata files
+                        yield dict(fname=name, data=value, __url__=url)
+            except (OSError, DamagedShard, tarfile.TarError, UnicodeDecodeError) as exn:
+                self.errors[self._reader()[0], 1] += 1
+                _logger.warning("skipped the rest of damaged shard %s: %s", url, exn)
+            yield {}  # end of shard: group_by_keys must not join samples across shards
+
+    def malformed_shard(self, exn: Exception) -> bool:
+        """Count and log a shard whose files do not group into samples (duplicate names), then go on."""
+        self.errors[self._reader()[0], 1] += 1
+        _logger.warning("skipped a malformed sample: %s", exn.args[0])
+        return True
+
+    def shuffle(self, samples: Iterator[dict]) -> Iterator[dict]:
+        """Shuffle encoded samples in a buffer (cheap: bytes, not decoded images)."""
+        initial = max(1, self.shuffle_buffer // 4)
+        yield from wds.shuffle(self.shuffle_buffer, initial, rng=self._rng("samples"))(samples)
+
+    def decode(self, samples: Iterator[dict]) -> Iterator[tuple[np.ndarray, int]]:
+        """Decode and crop each sample; an image that fails to decode is counted, logged and skipped."""
+        rng = self._rng("augment")
+        for sample in samples:
+            try:
+                image, label = decode_sample(sample)
+            except DECODE_ERRORS as exn:
+                self.errors[self._reader()[0], 0] += 1
+                _logger.warning("skipped undecodable image %s in %s: %r", sample.get("__key__"),
+                                sample.get("__url__"), exn)  # fmt: skip
+                continue
+            if self.train and not self.crop_on_device:
+                yield train_crop(image, self.img_size, rng, self.scale), label
+            else:
+                yield eval_crop(image, self.img_size, 1.0 if self.train else self.crop_pct), label
+
+    def pipeline(self, batches_per_worker: int | None) -> wds.DataPipeline:
+        pipeline = wds.DataPipeline(
+            self.shards,
+            self.tar_files,
+            wds.pipelinefilter(group_by_keys)(handler=self.malformed_shard),
+            self.shuffle if self.train else None,
+            self.decode,
+            wds.batched(self.batch_size, collation_fn=collate, partial=not self.train),
+        )
+        return pipeline.with_epoch(nbatches=batches_per_worker) if batches_per_worker else pipeline
+
+
+class ShardLoader:
+    """Batches ``(images (N, 3, H, W) uint8, labels (N,) int64)`` from shards; see :func:`create_loader`."""
+
+    def __init__(self, stream: _Stream, shard_set: ShardSet, num_workers: int, pin_memory: bool, batches: int,
+                 batches_per_worker: int | None):  # fmt: skip
+        self.stream = stream
+        self.shard_set = shard_set
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.batches = batches
+        self.batches_per_worker = batches_per_worker
+        self._reported = 0
+
+    @property
+    def info(self) -> dict:
+        """The shard directory's _info.json ({} for bare urls)."""
+        return self.shard_set.info
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.shard_set.info.get("num_classes")
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.shard_set.num_samples
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Bad input skipped so far (all epochs, this rank): undecodable images and damaged or unreadable shards."""
+        bad_images, bad_shards = self.stream.errors.sum(0).tolist()
+        return dict(bad_images=bad_images, bad_shards=bad_shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shard order, sample order and augmentation the next iteration uses."""
+        self.stream.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.stream.repetition = 0  # workers get a fresh copy of the stream each epoch; the main process resets
+        loader = torch.utils.data.DataLoader(
+            self.stream.pipeline(self.batches_per_worker),
+            batch_size=None,  # batches are made inside the workers
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+        yield from loader
+        errors = self.errors
+        if sum(errors.values()) > self._reported:
+            self._reported = sum(errors.values())
+            _logger.warning("epoch %d: skipped %d undecodable images and %d damaged shards so far", self.stream.epoch,
+                            errors["bad_images"], errors["bad_shards"])  # fmt: skip
+
+
+def _eval_batches(shard_set: ShardSet, batch_size: int, rank: int, world_size: int, num_workers: int) -> int:
+    """Batches one rank yields reading each of its samples once (a partial last batch per worker)."""
+    lengths = shard_set.shard_lengths
+    if lengths is None:  # only a total is known: assume equal shards
+        lengths = [shard_set.num_samples / len(shard_set.urls)] * len(shard_set.urls)
+    length_of = dict(zip(shard_set.urls, lengths))
+    total = 0
+    for worker in range(num_workers):
+        urls = shards_for_reader(shard_set.urls, seed=0, epoch=0, rank=rank, world_size=world_size, worker=worker,
+                                 num_workers=num_workers, shuffle=False)  # fmt: skip
+        total += math.ceil(sum(length_of[u] for u in urls) / batch_size)
+    return total
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def create_loader(
+    source: str | os.PathLike | Sequence[str],
+    split: str,
+    batch_size: int,
+    *,
+    train: bool,
+    img_size: int,
+    num_workers: int = 4,
+    seed: int = 0,
+    epoch: int = 0,
+    resampled: bool = False,
+    crop_on_device: bool = False,
+    crop_pct: float = 0.875,
+    scale: tuple[float, float] = (0.2, 1.0),
+    shuffle_buffer: int = 2000,
+    num_samples: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pin_memory: bool | None = None,
+) -> ShardLoader:
+    """A loader of ``(images (N, 3, img_size, img_size) uint8, labels (N,) int64)`` batches from shards.
+
+    source: a shard directory (``_info.json`` names the split's shards), a brace pattern or a list of urls
+        (``num_samples`` needed for training unless an ``_info.json`` beside local shards lists them).
+    train: shuffle shards (per epoch) and samples (buffer of ``shuffle_buffer`` per worker), RandomResizedCrop
+        (``scale``) + flip, full batches only, exactly ``len(loader)`` batches on every rank; else resize to
+        ``img_size / crop_pct`` + center crop, every sample once in shard order.
+    resampled: training only; draw shards with replacement (an endless stream cut into epochs of ``len()``
+        batches), for fewer shards than ranks x workers.
+    crop_on_device: training only; workers only decode and center-crop to ``img_size`` (whole shorter side),
+        leaving RandomResizedCrop + flip to :class:`mae_timm.data.GpuAugment`.
+    rank / world_size: default to torch.distributed's, else 0 / 1. ``set_epoch`` selects the epoch; order and
+        augmentation are a function of (seed, epoch, rank, worker).
+    """
+    if rank is None or world_size is None:
+        rank, world_size = _distributed()
+    if resampled and not train:
+        raise DataError("resampled=True is for training; evaluation reads every sample once")
+    shard_set = resolve_shards(source, split, num_samples)
+    readers = max(1, num_workers)
+    if readers > MAX_READERS:
+        raise DataError(f"num_workers={num_workers} is more than the {MAX_READERS} this loader counts errors for")
+    if train:
+        if shard_set.num_samples is None:
+            raise DataError(f"the number of samples in {source!r} is unknown; pass num_samples=")
+        per_rank = shard_set.num_samples // (world_size * batch_size)
+        if per_rank == 0:
+            raise DataError(f"{shard_set.num_samples} samples give no full batch of {batch_size} on {world_size} ranks")
+        if not resampled and len(shard_set.urls) < world_size * readers:
+            raise DataError(f"{len(shard_set.urls)} shards cannot feed {world_size} ranks x {readers} workers; "
+                            "write more shards (--min-shards), use fewer workers, or resampled=True")  # fmt: skip
+        batches_per_worker = math.ceil(per_rank / readers)
+        batches = batches_per_worker * readers
+    else:
+        if shard_set.num_samples is None:
+            raise DataError(f"the number of samples in {source!r} is unknown; pass num_samples=")
+        batches_per_worker = None
+        batches = _eval_batches(shard_set, batch_size, rank, world_size, readers)
+    errors = torch.zeros(MAX_READERS, 2, dtype=torch.int64).share_memory_()
+    stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
+                     world_size=world_size, resampled=resampled, crop_on_device=crop_on_device, crop_pct=crop_pct,
+                     scale=tuple(scale), shuffle_buffer=shuffle_buffer, errors=errors, epoch=epoch)  # fmt: skip
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return ShardLoader(stream, shard_set, num_workers, pin_memory, batches, batches_per_worker)

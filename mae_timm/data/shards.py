@@ -1,0 +1,173 @@
+"""Write samples to WebDataset tar shards plus an ``_info.json`` that timm's ``wds/`` reader understands.
+
+Each shard is written to ``<name>.part`` and renamed when complete, so a shard with its final name is whole.
+The assignment of samples to shards is fixed by (samples, seed, shard sizes) before anything is written; a
+rerun keeps every shard that already holds exactly its planned keys and writes the rest. Tar headers carry a
+fixed mtime, so the same input gives byte-identical shards (and the same sha256 in ``_info.json``).
+
+``_info.json``::
+
+    {"name": "tiny-imagenet", "num_classes": 200, "classes": [{"index", "id", "name"}, ...],
+     "splits": {"train": {"name": "train", "num_samples": 100000, "filenames": ["train-000000.tar", ...],
+                          "shard_lengths": [5000, ...], "sha256": ["...", ...]}, ...},
+     "seed": 0, "source": "...", "format_version": 1}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
+
+__all__ = ["INFO_NAME", "file_sha256", "plan_shards", "read_info", "shard_keys", "write_shards", "write_source"]
+
+INFO_NAME = "_info.json"
+FORMAT_VERSION = 1
+SHUFFLED_SPLITS = ("train",)  # shuffled across classes before writing, so every shard mixes classes
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_info(directory: str | os.PathLike) -> dict:
+    """The ``_info.json`` of a shard directory."""
+    path = Path(directory) / INFO_NAME
+    if not path.is_file():
+        raise DataError(f"{directory} has no {INFO_NAME}; is it a shard directory written by `mae-timm shards`?")
+    return json.loads(path.read_text())
+
+
+def plan_shards(num_samples: int, shard_size: int, min_shards: int) -> list[int]:
+    """Shard lengths: at least ``min_shards`` (if there are that many samples), at most ``shard_size`` each,
+    as even as possible (the first ``num_samples % num_shards`` shards hold one more)."""
+    num_shards = min(num_samples, max(min_shards, math.ceil(num_samples / shard_size)))
+    base, extra = divmod(num_samples, num_shards)
+    return [base + (i < extra) for i in range(num_shards)]
+
+
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    """Sample keys of a tar shard in order (webdataset groups files by the name up to the first dot)."""
+    keys = []
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def _encode(sample: Sample) -> dict:
+    """A sample as the byte fields of its tar members."""
+    record = {"__key__": sample.key, sample.ext: sample.image, "cls": str(int(sample.cls)).encode()}
+    if sample.meta is not None:
+        record["json"] = json.dumps(sample.meta, sort_keys=True).encode()
+    return record
+
+
+def _is_complete(path: Path, keys: list[str]) -> bool:
+    """Whether the shard at ``path`` exists and holds exactly ``keys``."""
+    if not path.is_file():
+        return False
+    try:
+        return shard_keys(path) == keys
+    except (tarfile.TarError, OSError):
+        return False
+
+
+def _write_shard(path: Path, samples: Iterable[Sample]) -> None:
+    """Write one shard atomically: to ``<path>.part``, flushed to disk, then renamed."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        with TarWriter(f, encoder=False, mtime=0) as sink:
+            for sample in samples:
+                sink.write(_encode(sample))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(part, path)
+
+
+def write_shards(
+    out_dir: str | os.PathLike,
+    splits: Mapping[str, Sequence[Sample] | Iterable[Sample]],
+    classes: Sequence[dict] | Sequence[str],
+    *,
+    name: str = "dataset",
+    shard_size: int = 5000,
+    min_shards: int = 16,
+    seed: int = 0,
+    source: str = "",
+    progress: bool = True,
+) -> dict:
+    """Write each split's samples to ``out_dir/<split>-NNNNNN.tar`` and record them in ``_info.json``.
+
+    ``classes``: dicts ``{'index', 'id', 'name'}`` or plain names (index = position). Splits named in
+    ``SHUFFLED_SPLITS`` are shuffled with ``seed`` first. Shards already complete are kept; ``.part`` files
+    left by an interrupted run are overwritten. Splits in an existing ``_info.json`` that are not written
+    now are kept. Returns the info dict.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = [c if isinstance(c, Mapping) else dict(index=i, id=str(c), name=str(c)) for i, c in enumerate(classes)]
+    info = dict(name=name, num_classes=len(classes), classes=classes, splits={}, seed=seed, source=source,
+                format_version=FORMAT_VERSION)  # fmt: skip
+    info_path = out_dir / INFO_NAME
+    if info_path.is_file():
+        previous = json.loads(info_path.read_text())
+        if previous.get("name") == name and previous.get("classes") == classes:
+            info["splits"] = {k: v for k, v in previous.get("splits", {}).items() if k not in splits}
+    for split, samples in splits.items():
+        if not isinstance(samples, Sequence):
+            samples = list(samples)
+        if len(samples) == 0:
+            raise DataError(f"split {split!r} of {name} has no samples")
+        keys = samples.keys if isinstance(samples, SampleList) else [s.key for s in samples]
+        if len(set(keys)) != len(keys):
+            raise DataError(f"split {split!r} of {name} has duplicate sample keys")
+        order = list(range(len(samples)))
+        if split in SHUFFLED_SPLITS:
+            random.Random(f"{seed}-{split}").shuffle(order)
+        lengths = plan_shards(len(samples), shard_size, min_shards)
+        filenames, digests, start = [], [], 0
+        bar = tqdm(total=len(samples), unit="img", desc=f"{name} {split}", disable=not progress)
+        for index, length in enumerate(lengths):
+            shard_order = order[start : start + length]
+            path = out_dir / f"{split}-{index:06d}.tar"
+            if not _is_complete(path, [keys[i] for i in shard_order]):
+                _write_shard(path, (samples[i] for i in shard_order))
+            filenames.append(path.name)
+            digests.append(file_sha256(path))
+            start += length
+            bar.update(length)
+        bar.close()
+        info["splits"][split] = dict(name=split, num_samples=len(samples), filenames=filenames, shard_lengths=lengths,
+                                     sha256=digests)  # fmt: skip
+        _write_json(info_path, info)
+    return info
+
+
+def write_source(out_dir: str | os.PathLike, data: SourceData, **kwargs) -> dict:
+    """Write a :class:`SourceData` (from ``tiny_imagenet``, ``imagefolder``, ``fashion_mnist``) to shards."""
+    return write_shards(out_dir, data.splits, data.classes, name=data.name, source=data.source, **kwargs)

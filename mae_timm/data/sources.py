@@ -1,0 +1,191 @@
+"""Image sources for the shard writer: an image folder and the Fashion-MNIST IDX files.
+
+A source is a :class:`SourceData`: the dataset name, its classes, and per split a sequence of
+:class:`Sample` records (key, the image file's bytes, class index, optional metadata). Sequences are
+:class:`SampleList` where reading is lazy, so a shard that already exists on disk costs nothing to skip.
+Tiny-ImageNet lives in ``tiny_imagenet.py`` and produces the same types.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DataError",
+    "Sample",
+    "SampleList",
+    "SourceData",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_ROOT",
+    "IMAGE_EXTENSIONS",
+    "fashion_mnist",
+    "imagefolder",
+    "read_idx",
+]
+
+# file extension -> shard field; the fields timm's wds reader decodes by default ('jpg;png;webp')
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+FASHION_MNIST_FILES = {  # split -> (images, labels)
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "validation": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+class DataError(ValueError):
+    """A problem with the user's data or arguments; the message is one line saying what is wrong."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One shard record: the original image file bytes (never re-encoded), its class and metadata."""
+
+    key: str  # unique within the split, no dots (webdataset splits file names at the first dot)
+    image: bytes  # the image file as stored by the source
+    ext: str = "jpg"  # shard field of the image: 'jpg', 'png' or 'webp'
+    cls: int = -1  # class index; -1 marks an unlabeled sample (timm's convention)
+    meta: dict | None = None  # written as the sample's 'json' field when given
+
+
+class SampleList(Sequence):
+    """Samples whose keys are known up front and whose bytes are read on access."""
+
+    def __init__(self, keys: list[str], read: Callable[[int], Sample]):
+        self.keys = keys
+        self._read = read
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self._read(index)
+
+
+@dataclass
+class SourceData:
+    """A dataset ready for the shard writer."""
+
+    name: str  # dataset name recorded in _info.json
+    classes: list[dict]  # [{'index': i, 'id': str, 'name': str}], index = position in sorted ids
+    splits: dict[str, Sequence[Sample]] = field(default_factory=dict)
+    source: str = ""  # where it came from (path or URL), for the record
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+
+
+def _split_folder(root: Path, split: str) -> Path | None:
+    """The folder of ``split`` under an image-folder root, or None."""
+    found = [root / name for name in SPLIT_FOLDERS.get(split, (split,)) if (root / name).is_dir()]
+    return found[0] if found else None
+
+
+def imagefolder(root: str | os.PathLike, splits: Sequence[str] | None = None) -> SourceData:
+    """An image folder: ``root/<split>/<class>/<image>``, or ``root/<class>/<image>`` read as the train split.
+
+    Split folders: ``train``, ``validation`` (or ``val``), ``test``; ``splits=None`` takes those present.
+    Class index = position in the sorted class folder names of the first split, as torchvision's ``ImageFolder``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"imagefolder source {root} is not a directory")
+    present = {s: _split_folder(root, s) for s in SPLIT_FOLDERS}
+    present = {s: folder for s, folder in present.items() if folder is not None} or {"train": root}
+    for split in splits or ():
+        if split not in present:
+            raise DataError(f"imagefolder source {root} has no folder for split {split!r} (found {list(present)})")
+    split_dirs = {s: present[s] for s in (splits or present)}
+    first = next(iter(split_dirs.values()))
+    class_ids = sorted(p.name for p in first.iterdir() if p.is_dir())
+    if not class_ids:
+        raise DataError(f"imagefolder split {first} has no class folders (expected {first}/<class>/<image>)")
+    index = {c: i for i, c in enumerate(class_ids)}
+    data = SourceData("imagefolder", [dict(index=i, id=c, name=c) for i, c in enumerate(class_ids)], source=str(root))
+    for split, folder in split_dirs.items():
+        extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in index)
+        if extra:
+            raise DataError(f"imagefolder split {folder} has class folder {extra[0]!r} that {first} lacks")
+        files = [(path, index[c]) for c in class_ids if (folder / c).is_dir() for path in _image_files(folder / c)]
+        if not files:
+            raise DataError(f"imagefolder split {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+        keys = [f"{class_ids[cls]}_{path.stem}".replace(".", "_") for path, cls in files]
+        if len(set(keys)) != len(keys):
+            raise DataError(f"imagefolder split {folder} has two images with one name stem in the same class folder")
+
+        def read(i, files=files, keys=keys):
+            path, cls = files[i]
+            return Sample(key=keys[i], image=path.read_bytes(), ext=IMAGE_EXTENSIONS[path.suffix.lower()], cls=cls)
+
+        data.splits[split] = SampleList(keys, read)
+    return data
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or not) of unsigned bytes: (N,) labels or (N, H, W) images."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} holds {data.size} bytes, its header says {shape}")
+    return data.reshape(shape)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    """Encode a (H, W) uint8 grayscale image as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fashion_mnist(
+    root: str | os.PathLike = FASHION_MNIST_ROOT,
+    splits: Sequence[str] = ("train", "validation"),
+    limit: int | None = None,
+) -> SourceData:
+    """Fashion-MNIST from its IDX gz files; each 28x28 image becomes a grayscale PNG.
+
+    ``validation`` is the 10,000-image t10k set. ``limit`` keeps the first ``limit`` images of each split.
+    """
+    root = Path(root)
+    data = SourceData("fashion-mnist", [dict(index=i, id=str(i), name=n) for i, n in enumerate(FASHION_MNIST_CLASSES)],
+                      source=str(root))  # fmt: skip
+    for split in splits:
+        if split not in FASHION_MNIST_FILES:
+            raise DataError(f"fashion-mnist has splits {list(FASHION_MNIST_FILES)}, not {split!r}")
+        paths = [root / name for name in FASHION_MNIST_FILES[split]]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"fashion-mnist source lacks {path} (apt-get install dataset-fashion-mnist)")
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if len(images) != len(labels):
+            raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
+        count = len(images) if limit is None else min(limit, len(images))
+        keys = [f"{split}_{i:05d}" for i in range(count)]
+
+        def read(i, images=images, labels=labels, keys=keys):
+            return Sample(key=keys[i], image=_png_bytes(images[i]), ext="png", cls=int(labels[i]))
+
+        data.splits[split] = SampleList(keys, read)
+    return data

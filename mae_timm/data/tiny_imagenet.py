@@ -1,0 +1,235 @@
+"""Tiny-ImageNet-200 (Stanford CS231n) as shard-writer samples, read straight from the zip or its folder.
+
+Layout of the official ``tiny-imagenet-200.zip``::
+
+    tiny-imagenet-200/wnids.txt                       200 class ids (WordNet ids), one a line
+    tiny-imagenet-200/words.txt                       wnid <tab> names, for all of WordNet
+    tiny-imagenet-200/train/<wnid>/images/<wnid>_<i>.JPEG   500 per class
+    tiny-imagenet-200/train/<wnid>/<wnid>_boxes.txt   <file> <tab> x0 y0 x1 y1
+    tiny-imagenet-200/val/images/val_<i>.JPEG         10,000
+    tiny-imagenet-200/val/val_annotations.txt         <file> <tab> wnid <tab> x0 y0 x1 y1
+    tiny-imagenet-200/test/images/test_<i>.JPEG       10,000, no labels
+
+Class index = position in the sorted wnids (torchvision ``ImageFolder`` order). JPEG bytes pass through as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
+
+__all__ = ["TINY_IMAGENET_MD5", "TINY_IMAGENET_URL", "download", "file_md5", "tiny_imagenet"]
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+SPLITS = ("train", "validation", "test")
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """Hex md5 of a file, read in 1 MiB blocks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, directory: str | os.PathLike, md5: str | None = None, progress: bool = True) -> Path:
+    """Download ``url`` (http, https or file) into ``directory``; returns the file's path.
+
+    Bytes go to ``<name>.part``, renamed when complete (and, with ``md5``, verified), so an interrupted
+    download never looks finished. A complete file already there is reused.
+    """
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    target = Path(directory) / name
+    if target.is_file() and (md5 is None or file_md5(target) == md5):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    try:
+        response = urllib.request.urlopen(url)
+    except (OSError, ValueError) as exn:
+        raise DataError(f"cannot download {url}: {exn}") from exn
+    with response, open(part, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+                bar.update(len(block))
+    if md5 is not None and (got := file_md5(part)) != md5:
+        raise DataError(f"{url} has md5 {got}, expected {md5}; the download is left at {part}")
+    os.replace(part, target)
+    return target
+
+
+class _ZipTree:
+    """Read files of a zip by their path relative to the dataset root inside it."""
+
+    def __init__(self, path: Path):
+        self.label = str(path)
+        self.zip = zipfile.ZipFile(path)
+        names = self.zip.namelist()
+        roots = [n[: -len("wnids.txt")] for n in names if n.endswith("wnids.txt") and n.count("/") <= 1]
+        if not roots:
+            raise DataError(f"{path} lacks tiny-imagenet-200/wnids.txt; is it the Tiny-ImageNet zip?")
+        self.prefix = roots[0]
+        self.names = {n[len(self.prefix) :] for n in names if n.startswith(self.prefix) and not n.endswith("/")}
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.names
+
+    def read(self, rel: str) -> bytes:
+        return self.zip.read(self.prefix + rel)
+
+    def listdir(self, rel: str) -> list[str]:
+        """File names directly inside folder ``rel``."""
+        start = rel.rstrip("/") + "/"
+        return sorted(n[len(start) :] for n in self.names if n.startswith(start) and "/" not in n[len(start) :])
+
+
+class _DirTree:
+    """Read files of an extracted dataset folder by their relative path."""
+
+    def __init__(self, path: Path):
+        self.label = str(path)
+        self.root = path / "tiny-imagenet-200" if (path / "tiny-imagenet-200" / "wnids.txt").is_file() else path
+        if not (self.root / "wnids.txt").is_file():
+            raise DataError(f"{path} lacks tiny-imagenet-200/wnids.txt; is it the extracted Tiny-ImageNet folder?")
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def listdir(self, rel: str) -> list[str]:
+        folder = self.root / rel
+        return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def _require(tree, rel: str) -> None:
+    if not tree.exists(rel):
+        raise DataError(f"Tiny-ImageNet source {tree.label} lacks tiny-imagenet-200/{rel}")
+
+
+def _read_lines(tree, rel: str) -> list[list[str]]:
+    """Tab-separated fields of the non-empty lines of a text file."""
+    _require(tree, rel)
+    return [line.split("\t") for line in tree.read(rel).decode("utf-8").splitlines() if line.strip()]
+
+
+def _box(fields: Sequence[str]) -> list[int]:
+    """Bounding box ``[x0, y0, x1, y1]`` from four text fields."""
+    return [int(v) for v in fields]
+
+
+def _image_index(name: str) -> int:
+    """Numeric index in an image file name (``n01443537_12.JPEG`` -> 12), for a natural order."""
+    return int(re.findall(r"\d+", name)[-1])
+
+
+def _jpeg_sample(tree, rel: str, cls: int, meta: dict | None) -> Sample:
+    """Read one Tiny-ImageNet JPEG as a shard sample."""
+    return Sample(key=Path(rel).stem, image=tree.read(rel), ext="jpg", cls=cls, meta=meta)
+
+
+def _lazy_samples(tree, entries: list[tuple[str, int, dict | None]]) -> SampleList:
+    """A sample list over ``(relative path, class, meta)`` entries."""
+
+    def read(i):
+        return _jpeg_sample(tree, *entries[i])
+
+    return SampleList([Path(rel).stem for rel, _, _ in entries], read)
+
+
+def _train_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]:
+    entries = []
+    for cls, wnid in enumerate(wnids):
+        folder = f"train/{wnid}/images"
+        files = sorted((n for n in tree.listdir(folder) if n.endswith(".JPEG")), key=_image_index)
+        if not files:
+            raise DataError(f"Tiny-ImageNet source {tree.label} lacks tiny-imagenet-200/{folder}/{wnid}_0.JPEG")
+        boxes_file = f"train/{wnid}/{wnid}_boxes.txt"
+        boxes = {f[0]: _box(f[1:5]) for f in _read_lines(tree, boxes_file)} if tree.exists(boxes_file) else {}
+        for name in files:
+            meta = dict(wnid=wnid, bbox=boxes[name]) if name in boxes else dict(wnid=wnid)
+            entries.append((f"{folder}/{name}", cls, meta))
+    return entries
+
+
+def _validation_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]:
+    index = {w: i for i, w in enumerate(wnids)}
+    entries = []
+    for fields in _read_lines(tree, "val/val_annotations.txt"):
+        name, wnid = fields[0], fields[1]
+        if wnid not in index:
+            raise DataError(f"val/val_annotations.txt labels {name} with {wnid}, which wnids.txt lacks")
+        _require(tree, f"val/images/{name}")
+        entries.append((f"val/images/{name}", index[wnid], dict(wnid=wnid, bbox=_box(fields[2:6]))))
+    return entries
+
+
+def _test_entries(tree) -> list[tuple[str, int, dict | None]]:
+    files = sorted((n for n in tree.listdir("test/images") if n.endswith(".JPEG")), key=_image_index)
+    if not files:
+        raise DataError(f"Tiny-ImageNet source {tree.label} lacks tiny-imagenet-200/test/images/test_0.JPEG")
+    return [(f"test/images/{name}", -1, None) for name in files]
+
+
+def tiny_imagenet(
+    src: str | os.PathLike,
+    splits: Sequence[str] = ("train", "validation"),
+    *,
+    md5: str | None = None,
+    download_dir: str | os.PathLike = "~/.cache/mae_timm",
+    progress: bool = True,
+) -> SourceData:
+    """Tiny-ImageNet from the official zip, its extracted folder, or a URL (http, https, file).
+
+    A URL is downloaded into ``download_dir`` first. The md5 is checked against ``md5`` when given, and
+    against the official one when ``src`` is the official URL. Splits: ``train`` (label from the class
+    folder), ``validation`` (labels from ``val/val_annotations.txt``), ``test`` (unlabeled, class -1).
+    """
+    for split in splits:
+        if split not in SPLITS:
+            raise DataError(f"Tiny-ImageNet has splits {list(SPLITS)}, not {split!r}")
+    src = str(src)
+    if md5 is None and src == TINY_IMAGENET_URL:
+        md5 = TINY_IMAGENET_MD5
+    if urllib.parse.urlparse(src).scheme in ("http", "https", "file"):
+        path = download(src, Path(download_dir).expanduser(), md5=md5, progress=progress)
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise DataError(f"Tiny-ImageNet source {path} does not exist (give the zip, its folder, or a URL)")
+        if md5 is not None and path.is_file() and (got := file_md5(path)) != md5:
+            raise DataError(f"{path} has md5 {got}, expected {md5}")
+    if path.is_dir():
+        tree = _DirTree(path)
+    elif zipfile.is_zipfile(path):
+        tree = _ZipTree(path)
+    else:
+        raise DataError(f"Tiny-ImageNet source {path} is neither a zip file nor a folder")
+    wnids = sorted(fields[0].strip() for fields in _read_lines(tree, "wnids.txt"))
+    names = {fields[0]: fields[1].strip() for fields in _read_lines(tree, "words.txt") if len(fields) > 1}
+    for wnid in wnids:
+        if wnid not in names:
+            raise DataError(f"words.txt of {tree.label} has no name for class {wnid}")
+    classes = [dict(index=i, id=w, name=names[w]) for i, w in enumerate(wnids)]
+    readers = dict(train=lambda: _train_entries(tree, wnids), validation=lambda: _validation_entries(tree, wnids),
+                   test=lambda: _test_entries(tree))  # fmt: skip
+    data = SourceData("tiny-imagenet", classes, source=src)
+    for split in splits:
+        data.splits[split] = _lazy_samples(tree, readers[split]())
+    return data
+
