@@ -1,7 +1,8 @@
 """The ``mae-timm`` command.
 
 Each subcommand lives in its own module under ``mae_timm/commands/`` and provides
-``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
+``add_arguments(parser, name)`` and ``run(args, name) -> int`` (``name`` is the subcommand, so one module can
+serve several, as ``evaluate`` does for knn / linprobe / finetune). Modules are imported only when their
 subcommand runs, so ``mae-timm --help`` stays fast and optional extras stay optional.
 """
 

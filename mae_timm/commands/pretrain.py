@@ -1,0 +1,33 @@
+"""``mae-timm pretrain``: pretrain a registered pretext model on shards (or ``--synthetic`` images).
+
+Settings are the fields of :class:`mae_timm.engine.config.PretrainConfig`: defaults < ``--config FILE.yaml`` <
+options. Under ``torchrun --nproc-per-node N`` it runs data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.epilog = (
+        "examples: mae-timm pretrain --config configs/tiny_imagenet_tiny_late.yaml --data shards/ ; "
+        "mae-timm pretrain --model mae_vit_test --synthetic --epochs 1 --out runs/smoke ; "
+        "add --resume auto to continue a killed run"
+    )
+    add_config_arguments(parser, PretrainConfig)
+
+
+def run(args: argparse.Namespace, name: str) -> int:
+    from mae_timm.engine.pretrain import NonFiniteLossError, pretrain
+
+    try:
+        cfg = config_from_args(PretrainConfig, args)
+        pretrain(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,159 @@
+"""Checkpoints that survive ``kill -9``: atomic writes, the newest valid one on resume, the last K kept.
+
+Layout of a run folder: ``checkpoint-0001000.pt`` (number = optimizer updates done), ``last.pt`` (a hard link to
+the newest). A checkpoint is a plain dict of tensors and Python values, so ``torch.load(weights_only=True)``
+reads it:
+``{'model', 'model_name', 'model_kwargs', 'optimizer', 'scheduler', 'scaler', 'step', 'epoch', 'data_position',
+'rng', 'world_size', 'config', 'version'}``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+__all__ = [
+    "capture_rng_state",
+    "checkpoint_path",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "prune_checkpoints",
+    "remove_partial_files",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_REQUIRED_KEYS = ("model", "model_name", "model_kwargs", "step")
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step:07d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Numbered checkpoints in ``run_dir``, oldest first (half-written ``.part`` files are not listed)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Path:
+    """Write ``state`` to ``path`` atomically: temp file, fsync, rename, fsync of the folder.
+
+    A crash at any moment leaves either the old files or the complete new one, never a truncated ``path``.
+    With ``link_last``, ``last.pt`` next to it is atomically re-pointed (hard link) at the new file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if link_last:
+        last_tmp = path.with_name(f"last.pt.{os.getpid()}.part")
+        last_tmp.unlink(missing_ok=True)
+        os.link(path, last_tmp)
+        os.replace(last_tmp, path.parent / "last.pt")
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``; raises ``ValueError`` for a file that is not one."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or corrupt files raise assorted errors from the zip / unpickler
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):
+        raise ValueError(f"{path} is not a mae_timm checkpoint (needs keys {', '.join(_REQUIRED_KEYS)})")
+    return ckpt
+
+
+def find_latest_checkpoint(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``run_dir`` that loads, with its contents; unreadable ones are skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except ValueError as e:
+            print(f"skipping {e}")
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` numbered checkpoints (0 keeps all)."""
+    for path in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        path.unlink(missing_ok=True)
+
+
+def remove_partial_files(run_dir: str | Path) -> None:
+    """Delete temp files that a killed run left behind."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for path in run_dir.glob("*.part"):
+            path.unlink(missing_ok=True)
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch CPU and CUDA generator states as plain values and tensors."""
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (bit_generator, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of ``capture_rng_state`` (CUDA states only where the device count matches)."""
+    random.setstate(_to_tuple(state["python"]))
+    bit_generator, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((bit_generator, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _to_tuple(value):
+    """``random.setstate`` wants nested tuples; keep them tuples after any round trip through lists."""
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the pretext model of a checkpoint (``timm.create_model(model_name, **model_kwargs)``), strict load.
+
+    Returns ``(model in eval mode, checkpoint dict)``.
+    """
+    ckpt = load_checkpoint(path, map_location)
+    model = timm.create_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    return model.eval(), ckpt

@@ -1,0 +1,173 @@
+"""Settings of the engine as dataclasses, read from defaults < a YAML file (``--config``) < command-line options.
+
+Every field of a settings dataclass becomes an option: ``blr`` -> ``--blr``, ``batch_size`` -> ``--batch-size``,
+booleans get ``--x/--no-x``, dicts take JSON (``--model-kwargs '{"drop_path_rate": 0.1}'``). The YAML file uses
+the field names as keys. Model architecture stays in timm kwargs (``model_kwargs``), not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["PretrainConfig", "add_config_arguments", "config_from_args", "load_config", "save_config"]
+
+
+@dataclass
+class PretrainConfig:
+    """Masked-image pretraining; defaults follow the MAE paper (He et al. 2021, appendix A.1)."""
+
+    # model
+    model: str = "mae_vit_tiny_patch8_64"  # any registered pretext model (mae_*, apl_*) by timm name
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. {"drop_path_rate": 0.1}
+    norm_pix_loss: bool = True  # MAE: per-patch normalised pixel targets (paper table 1c); models without it ignore it
+    mask_ratio: float = 0.75  # MAE: 75 % masked (paper fig. 5); passed to models whose forward takes mask_ratio
+
+    # data
+    data: str | None = None  # shard directory (with _info.json) or a comma-separated list of shard urls
+    split: str = "train"  # split of the shard directory to pretrain on
+    synthetic: bool = False  # random images derived from (seed, rank, step) instead of shards: smoke tests, timing
+    synthetic_samples: int = 4096  # images per synthetic epoch
+    img_size: int | None = None  # None: the model's input size (pretrained_cfg input_size)
+    crop_scale_min: float = 0.2  # MAE: RandomResizedCrop(scale=(0.2, 1.0)), done on the device
+    hflip: bool = True  # MAE: random horizontal flip
+    num_workers: int = 4  # data loader processes per rank
+
+    # optimisation
+    batch_size: int = 256  # images per rank per micro-step (global batch = batch_size * accum_steps * world size)
+    accum_steps: int = 1  # micro-steps per optimizer update (gradient accumulation)
+    epochs: int = 100  # length of the cosine schedule
+    warmup_epochs: int = 5  # linear warmup from 0 (MAE: 40 of 800 epochs; scaled down for short schedules)
+    max_steps: int = 0  # stop after this many updates (0: run all epochs); the schedule still spans `epochs`
+    blr: float = 1.5e-4  # MAE base lr: lr = blr * global batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0  # floor of the cosine decay
+    weight_decay: float = 0.05  # MAE: 0.05, not applied to biases, norms, pos tables and tokens
+    betas: tuple[float, float] = (0.9, 0.95)  # MAE: AdamW beta2 0.95 (more stable at large batch than 0.999)
+    clip_grad: float | None = None  # max global grad norm; MAE pretraining does not clip
+
+    # execution
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp16 (with a grad scaler), fp32
+    compile: bool = False  # torch.compile the model (minutes of compile time, faster steps on a GPU)
+    seed: int = 0  # model init, data order and masks; each rank derives its own stream from (seed, rank, step)
+
+    # output
+    out: str = "runs/pretrain"  # run folder: checkpoints, metrics.jsonl, figures, TensorBoard events
+    resume: str | None = None  # "auto": newest valid checkpoint in `out` (start fresh if none); or a checkpoint path
+    save_every_steps: int = 1000  # checkpoint every N updates (0: only at epoch ends)
+    save_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (the last epoch always)
+    keep_last: int = 3  # numbered checkpoints kept on disk (last.pt links the newest)
+    viz_every_epochs: int = 10  # reconstruction grid + loss curve every N epochs (0: off); needs matplotlib
+    tensorboard: bool = True  # write TensorBoard events to out/tb when tensorboard is installed
+    progress: bool = True  # tqdm progress bar on rank 0
+
+
+def _option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp):
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp, value):
+    """Turn a YAML or command-line value into the field's type, with a one-line error naming the setting."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"setting '{name}' cannot be empty")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+        if tp is dict or typing.get_origin(tp) is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+        if typing.get_origin(tp) is tuple:
+            item_types = typing.get_args(tp)
+            value = value.split(",") if isinstance(value, str) else value
+            if len(value) != len(item_types):
+                raise ValueError(value)
+            return tuple(_coerce(name, t, v) for t, v in zip(item_types, value, strict=True))
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise ValueError(f"setting '{name}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    raise TypeError(f"setting '{name}': unsupported type {tp}")
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
+    """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides`` (field name -> value)."""
+    types_ = _field_types(cls)
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of setting: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(types_)}")
+    return cls(**{name: _coerce(name, types_[name], value) for name, value in values.items()})
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add ``--config`` and one option per field of ``cls`` (help = the field's default)."""
+    parser.add_argument("--config", default=None, help="YAML file of settings (command-line options override it)")
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    for name, tp in _field_types(cls).items():
+        f = defaults[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        base, _ = _strip_optional(tp)
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=f"default: {default}")
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is tuple:
+            kwargs["nargs"] = len(typing.get_args(base))
+            kwargs["metavar"] = tuple(t.__name__.upper() for t in typing.get_args(base))
+        else:
+            kwargs["metavar"] = "JSON" if base is dict else getattr(base, "__name__", "VALUE").upper()
+        parser.add_argument(_option_name(name), **kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """The settings given by ``--config`` plus the options the user typed (others keep the file's or defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {name: value for name, value in vars(args).items() if name in names}
+    return load_config(cls, getattr(args, "config", None), overrides)
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write ``config`` as YAML that ``load_config`` reads back to an equal object."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,80 @@
+"""Process-group setup for runs under ``torchrun`` (one process per device), and rank-0 helpers.
+
+Without torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) everything runs as a single process
+and no process group is created. Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "all_reduce_mean", "barrier", "cleanup_distributed", "init_distributed", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0  # global rank
+    world_size: int = 1  # number of processes
+    local_rank: int = 0  # rank on this node: picks the GPU
+    device: torch.device = torch.device("cpu")  # this process's device
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> this process's GPU if CUDA is available, else the CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name} requested but CUDA is not available; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if this process was started by torchrun; pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        kwargs = dict(device_id=torch_device) if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all processes (returns it unchanged in a single process)."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor

@@ -1,0 +1,259 @@
+"""Pretraining engine on CPU: settings, atomic checkpoints, 20 updates on tiny shards, exact resume after kill -9,
+SIGTERM, non-finite loss, other pretext models, two-process gloo DDP, ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from fakes import make_shards
+
+import mae_timm.engine.pretrain as pretrain_module
+from mae_timm import cli
+from mae_timm.engine.checkpoint import (
+    checkpoint_path,
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args, load_config, save_config
+from mae_timm.engine.pretrain import pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 20
+# one thread: on a shared 2-core machine two threads make tiny models 10x slower; every run here uses one, so
+# runs in this process and in subprocesses do the same arithmetic (exact loss comparisons)
+ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("engine"))  # 32 train images of 32 px in 4 shards
+
+
+def small_config(out: Path, shards: Path, **overrides) -> PretrainConfig:
+    """20 updates of mae_vit_test, batch 4 (8 updates per epoch: the run crosses two epoch ends)."""
+    settings = dict(
+        model="mae_vit_test", data=str(shards), batch_size=4, epochs=3, warmup_epochs=1, max_steps=STEPS,
+        blr=0.128, num_workers=0, save_every_steps=5, keep_last=2, viz_every_epochs=0, tensorboard=False,
+        progress=False, out=str(out),
+    )
+    return PretrainConfig(**dict(settings, **overrides))
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted 20-update run: (run folder, {step: loss})."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("reference")
+    result = pretrain(small_config(out, shards))
+    assert result.step == STEPS and not result.interrupted
+    return out, read_losses(out)
+
+
+def test_config_file_then_options(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: mae_vit_test\nblr: 1e-3\nbetas: [0.9, 0.99]\nepochs: 7\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, PretrainConfig)
+    args = parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--epochs", "9", "--no-hflip", "--lr", "none",
+                              "--model-kwargs", '{"drop_path_rate": 0.1}'])
+    cfg = config_from_args(PretrainConfig, args)
+    assert cfg.model == "mae_vit_test" and cfg.blr == 1e-3 and cfg.betas == (0.9, 0.99)  # from the file
+    assert cfg.epochs == 9 and cfg.hflip is False and cfg.lr is None  # options win
+    assert cfg.model_kwargs == {"drop_path_rate": 0.1} and cfg.mask_ratio == 0.75  # default kept
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(PretrainConfig, tmp_path / "saved.yaml") == cfg
+    with pytest.raises(ValueError, match="unknown setting.*bl_r"):
+        load_config(PretrainConfig, overrides={"bl_r": 1.0})
+    with pytest.raises(ValueError, match="'epochs'.*int"):
+        load_config(PretrainConfig, overrides={"epochs": "ten"})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path):
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.model in timm.list_models() and cfg.data and cfg.out.startswith("runs/")
+
+
+def test_checkpoints_atomic_newest_valid_last_k(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(dict(model={"w": torch.full((2,), float(step))}, model_name="m", model_kwargs={}, step=step),
+                        checkpoint_path(tmp_path, step))
+    assert os.path.samefile(tmp_path / "last.pt", checkpoint_path(tmp_path, 3))
+    newest = checkpoint_path(tmp_path, 3)
+    newest.write_bytes(newest.read_bytes()[:100])  # a truncated file (e.g. a disk that filled up)
+    (tmp_path / "checkpoint-0000004.pt.123.part").write_bytes(b"half")  # what kill -9 leaves mid-save
+    path, ckpt = find_latest_checkpoint(tmp_path)
+    assert path == checkpoint_path(tmp_path, 2) and ckpt["step"] == 2
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(newest)
+    prune_checkpoints(tmp_path, keep_last=1)
+    assert list_checkpoints(tmp_path) == [newest]
+
+
+def test_pretrain_20_steps_on_shards(reference, shards):
+    out, losses = reference
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = [losses[s] for s in range(1, 6)], [losses[s] for s in range(16, 21)]
+    assert sum(last) < sum(first)  # it learns
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == 0.0  # warmup starts at 0
+    assert max(r["lr"] for r in records) == pytest.approx(0.128 * 4 / 256)  # lr = blr * global batch / 256
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-0000016.pt", "checkpoint-0000020.pt"]  # epoch end
+    model, ckpt = load_model(out / "last.pt")  # weights_only=True inside
+    assert ckpt["step"] == STEPS and ckpt["model_kwargs"] == {"norm_pix_loss": True}
+    assert ckpt["data_position"] == dict(epoch=2, batches_consumed=4, updates_per_epoch=8)
+    assert set(ckpt) >= {"optimizer", "scheduler", "scaler", "epoch", "rng", "config", "version"}
+    assert model.norm_pix_loss is True and not model.training
+    # resuming a finished run does nothing
+    assert pretrain(small_config(out, shards, resume="auto")).step == STEPS
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+save = torch.save
+def save_then_die(obj, f):
+    save(obj, f)  # the temp file is written, the rename has not happened
+    if obj["step"] == {kill_step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+from mae_timm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_kill9_reproduces_losses(reference, shards, tmp_path):
+    _, expected = reference
+    out = tmp_path / "run"
+    cfg = small_config(out, shards)
+    options = ["pretrain", "--model", cfg.model, "--data", cfg.data, "--batch-size", "4", "--epochs", "3",
+               "--warmup-epochs", "1", "--max-steps", str(STEPS), "--blr", "0.128", "--num-workers", "0",
+               "--save-every-steps", "5", "--keep-last", "2", "--viz-every-epochs", "0", "--no-tensorboard",
+               "--no-progress", "--out", str(out)]
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(kill_step=15), *options],
+                            env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert max(read_losses(out)) == 15 and list(out.glob("*.part"))  # killed while writing checkpoint 15
+    assert find_latest_checkpoint(out)[1]["step"] == 10
+
+    result = pretrain(small_config(out, shards, resume="auto"))
+    assert result.step == STEPS and not list(out.glob("*.part"))
+    assert read_losses(out) == expected  # steps 1-10 from the killed run, 11-20 recomputed: bit-identical
+
+
+def test_sigterm_saves_and_exits_cleanly(reference, shards, tmp_path, monkeypatch):
+    _, expected = reference
+    log = pretrain_module.MetricsLog.log
+
+    def log_then_sigterm(self, record):
+        log(self, record)
+        if record["step"] == 5:  # no checkpoint is due at 6 (every 5 updates and at epoch ends, 8 updates)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(pretrain_module.MetricsLog, "log", log_then_sigterm)
+    result = pretrain(small_config(tmp_path, shards))
+    # the ranks agree on stopping in the update's all-reduce, so a signal after update 5 stops after update 6
+    assert result.interrupted and result.step == 6
+    assert load_checkpoint(result.checkpoint)["step"] == 6 and result.checkpoint == checkpoint_path(tmp_path, 6)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(pretrain_module.MetricsLog, "log", log)
+    pretrain(small_config(tmp_path, shards, resume="auto"))
+    assert read_losses(tmp_path) == expected
+
+
+class NanAfter(nn.Module):
+    """mae_vit_test whose loss turns NaN from the ``bad_call``-th forward on."""
+
+    def __init__(self, model: nn.Module, bad_call: int):
+        super().__init__()
+        self.model, self.bad_call, self.calls = model, bad_call, 0
+        self.pretrained_cfg = model.pretrained_cfg
+
+    def forward(self, imgs, mask_ratio: float = 0.75):
+        self.calls += 1
+        loss, pred, mask = self.model(imgs, mask_ratio=mask_ratio)
+        return (loss * float("nan") if self.calls >= self.bad_call else loss), pred, mask
+
+
+def test_non_finite_loss_stops_naming_the_step(shards, tmp_path, monkeypatch, capsys):
+    build = pretrain_module.build_model
+    monkeypatch.setattr(pretrain_module, "build_model", lambda cfg: (NanAfter(build(cfg)[0], 5), {}))
+    rc = cli.main(["pretrain", "--model", "mae_vit_test", "--data", str(shards), "--batch-size", "4",
+                   "--num-workers", "0", "--save-every-steps", "2", "--no-tensorboard", "--no-progress",
+                   "--viz-every-epochs", "0", "--out", str(tmp_path)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 5" in err and str(checkpoint_path(tmp_path, 4)) in err
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "checkpoint-0000004.pt"  # the last good one stays
+
+
+@pytest.mark.parametrize(
+    "model, overrides",
+    [
+        ("apl_vit_test", dict(accum_steps=2)),  # no mask_ratio, no norm_pix_loss; gradient accumulation
+        ("mae_vit_test_early_mask", dict(viz_every_epochs=1, tensorboard=True, clip_grad=1.0)),
+    ],
+)
+def test_other_models_synthetic(model, overrides, tmp_path):
+    settings = dict(model=model, synthetic=True, synthetic_samples=16, batch_size=4, epochs=1, warmup_epochs=0,
+                    progress=False, tensorboard=False, viz_every_epochs=0, out=str(tmp_path))
+    cfg = PretrainConfig(**dict(settings, **overrides))
+    result = pretrain(cfg)
+    assert result.step == 4 // cfg.accum_steps and torch.isfinite(torch.tensor(result.loss))
+    _, ckpt = load_model(tmp_path / "last.pt")
+    if model.startswith("apl_"):
+        assert "norm_pix_loss" not in ckpt["model_kwargs"]
+        record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+        assert 0.0 <= record["position_accuracy"] <= 1.0  # logged next to the loss
+    else:
+        assert {"loss.png", "reconstruction-epoch0001.png"} <= {p.name for p in tmp_path.iterdir()}
+        assert "grad_norm" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+        assert any((tmp_path / "tb").iterdir())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(shards, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "mae_timm.cli", "pretrain", "--model", "mae_vit_test", "--data", str(shards),
+               "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "1",
+               "--no-tensorboard", "--no-progress", "--viz-every-epochs", "0", "--out", str(tmp_path)]
+    done = subprocess.run(command, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4  # 32 images / (2 ranks x 4) = 4 updates
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # rank 0 alone writes
+    assert records[0]["lr"] == pytest.approx(1.5e-4 * 8 / 256)  # global batch 2 x 4
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in ("--config", "--blr", "--resume", "--synthetic", "--accum-steps"))
