@@ -1,0 +1,206 @@
+"""What the benchmarks share: FLOP counting three ways, and the header that names where a figure came from.
+
+FLOP convention. fvcore counts one multiply-add as one flop; torch's ``FlopCounterMode`` (and hardware peaks)
+count two. In this project ``MACs`` always means multiply-adds (fvcore's number) and ``FLOPs`` means
+``2 * MACs``. Only matrix products are counted: linear layers, the patch-embedding convolution and the two
+attention products (QK^T and AV). Norms, activations, softmax and the loss are left out of every count, which is
+also what ``FlopCounterMode`` counts, so the three counters below can be compared op for op:
+
+- ``fvcore_macs``: fvcore's ``FlopCountAnalysis`` (per module) plus a handle for
+  ``aten::scaled_dot_product_attention``, which fvcore does not know and would otherwise count as zero, and an
+  einsum handle that counts nothing for one-operand einsums (fvcore counts ``patchify``'s permutation).
+- ``counted_flops``: ``FlopCounterMode`` over any callable (forward, or forward + backward), with attention run
+  through the math backend so that every device (the CPU included) counts it.
+- ``vit_macs`` / ``mae_macs``: the analytic formula for a ViT and a late-mask MAE.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from math import prod
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "attention_macs",
+    "block_macs",
+    "counted_flops",
+    "describe_run",
+    "einsum_flop_jit",
+    "fvcore_macs",
+    "mae_macs",
+    "markdown_table",
+    "sdpa_flop_jit",
+    "vit_macs",
+    "write_results",
+]
+
+
+def sdpa_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: multiply-adds of QK^T plus those of AV."""
+    from fvcore.nn.jit_handles import get_shape
+
+    query, key, value = (get_shape(v) for v in inputs[:3])
+    *batch_heads, len_q, dim_qk = query  # (B, nh, Tq, hs); grouped key/value heads broadcast to the query's
+    len_k, dim_v = key[-2], value[-1]
+    return prod(batch_heads) * len_q * len_k * (dim_qk + dim_v)
+
+
+def einsum_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore's einsum handle for products of two or more operands; a one-operand einsum (a permutation, as in
+    ``patchify``, or a reduction) multiplies nothing, where fvcore's own handle would count its elements."""
+    from fvcore.nn import jit_handles
+
+    if len(list(inputs[1].node().inputs())) < 2:
+        return 0
+    return jit_handles.einsum_flop_jit(inputs, outputs)
+
+
+def fvcore_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Multiply-adds of ``model(*inputs)`` per module name (``''`` is the total), matrix products only."""
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import (
+        addmm_flop_jit,
+        bmm_flop_jit,
+        conv_flop_jit,
+        linear_flop_jit,
+        matmul_flop_jit,
+    )
+
+    analysis = FlopCountAnalysis(model, inputs).clear_op_handles()
+    analysis.set_op_handle(
+        **{
+            "aten::addmm": addmm_flop_jit,
+            "aten::bmm": bmm_flop_jit,
+            "aten::_convolution": conv_flop_jit,
+            "aten::einsum": einsum_flop_jit,
+            "aten::linear": linear_flop_jit,
+            "aten::matmul": matmul_flop_jit,
+            "aten::mm": matmul_flop_jit,
+            "aten::scaled_dot_product_attention": sdpa_flop_jit,
+        }
+    )
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return dict(analysis.by_module())
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (2 per multiply-add) that ``FlopCounterMode`` sees while ``fn()`` runs, attention included."""
+    # the fused CPU attention kernel has no FlopCounterMode formula; the math backend is made of counted matmuls
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def attention_macs(tokens: int, dim: int) -> int:
+    """Multiply-adds of QK^T and AV over ``tokens`` tokens of width ``dim`` (summed over heads)."""
+    return 2 * tokens * tokens * dim
+
+
+def block_macs(tokens: int, dim: int, mlp_hidden: int) -> int:
+    """Multiply-adds of one transformer block: qkv, attention, output projection, two-layer MLP."""
+    return tokens * dim * 3 * dim + attention_macs(tokens, dim) + tokens * dim * dim + 2 * tokens * dim * mlp_hidden
+
+
+def vit_macs(
+    *,
+    num_patches: int,
+    patch_dim: int,
+    embed_dim: int,
+    depth: int,
+    mlp_hidden: int,
+    num_prefix_tokens: int = 1,
+    num_classes: int = 0,
+) -> dict[str, int]:
+    """Analytic multiply-adds of a timm ``VisionTransformer`` forward on one image, split by part.
+
+    ``patch_dim`` is ``p * p * in_chans``; the head is a pooled linear layer (absent when ``num_classes=0``).
+    """
+    tokens = num_patches + num_prefix_tokens
+    return {
+        "patch_embed": num_patches * patch_dim * embed_dim,
+        "encoder": depth * block_macs(tokens, embed_dim, mlp_hidden),
+        "head": embed_dim * num_classes,
+    }
+
+
+def mae_macs(model: nn.Module, mask_ratio: float) -> dict[str, int]:
+    """Analytic multiply-adds of one image through a late-mask MAE (``mae.py`` layout), split by part.
+
+    The encoder sees the prefix tokens and ``int(L * (1 - mask_ratio))`` visible patches; the decoder embeds those,
+    then runs on all ``L`` patches plus the prefix tokens and predicts a patch for each of them.
+    """
+    num_patches = model.patch_embed.num_patches
+    num_prefix = model.cls_token.shape[1] if getattr(model, "cls_token", None) is not None else 0
+    embed_dim, patch_dim = model.patch_embed.proj.out_channels, model.patch_embed.proj.weight[0].numel()
+    decoder_dim = model.decoder_embed.out_features
+    len_keep = int(num_patches * (1 - mask_ratio))
+    all_tokens = num_patches + num_prefix
+    encoder = vit_macs(
+        num_patches=len_keep,
+        patch_dim=patch_dim,
+        embed_dim=embed_dim,
+        depth=len(model.blocks),
+        mlp_hidden=model.blocks[0].mlp.fc1.out_features,
+        num_prefix_tokens=num_prefix,
+    )["encoder"]
+    decoder = (
+        (len_keep + num_prefix) * embed_dim * decoder_dim
+        + len(model.decoder_blocks) * block_macs(all_tokens, decoder_dim, model.decoder_blocks[0].mlp.fc1.out_features)
+        + all_tokens * decoder_dim * model.decoder_pred.out_features
+    )
+    return {"patch_embed": num_patches * patch_dim * embed_dim, "encoder": encoder, "decoder": decoder}
+
+
+def describe_run(device: torch.device) -> dict[str, str]:
+    """Where and how a figure was taken: device, library versions, the command line, the time (UTC)."""
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
+    for name in ("fvcore", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return {
+        "device": device_name,
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A GitHub markdown table; numbers are already formatted by the caller."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, stem: str, run: dict[str, str], results: dict, markdown: str) -> None:
+    """Write ``<stem>.json`` (run header + results) and ``<stem>.md`` (header lines + ``markdown``) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"run": run, **results}, indent=2) + "\n")
+    header = "\n".join(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in run.items())
+    (out_dir / f"{stem}.md").write_text(f"{header}\n\n{markdown}\n")

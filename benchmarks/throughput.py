@@ -1,0 +1,330 @@
+"""Training-step and inference images/s of mae_timm beside Hugging Face ViTMAE, in one process on one device.
+
+    python benchmarks/throughput.py --config vit_b16_224       # GPU; one config per run -> benchmarks/results/
+    python benchmarks/throughput.py --tiny --out /tmp/bench    # CPU smoke test: test configs, fp32, 2 steps
+
+A training step is forward + backward + fused AdamW step under bf16 autocast, on a fixed random batch, with
+75 % of the patches masked and the norm-pix loss. Inference is the same forward (mask, decoder, loss) under
+``torch.inference_mode``. Every row warms up first (compilation, autotuning, allocator growth), synchronizes,
+then times ``steps`` steps. TFLOP/s use the model FLOPs that ``FlopCounterMode`` counts for one step of the
+eager model (2 per multiply-add; attention included; recomputation inside fused kernels is not counted); MFU
+divides them by the peak of a large matmul in the same dtype, measured at the start of the same run.
+
+Modes: ``eager``; ``compile`` (``torch.compile``, default mode); ``reduce-overhead`` (``torch.compile`` with
+CUDA graphs for forward and backward; on CPU it is the same as ``compile``). The Hugging Face peer,
+``ViTMAEForPreTraining`` with ``attn_implementation='sdpa'``, is the mae_timm model converted by
+``mae_timm.models.convert.mae_timm_to_hf`` (same architecture, LayerNorm eps, norm-pix loss and weights; HF draws
+its own masks). It exists only for late-mask models; the early-mask model has no peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+import mae_timm  # noqa: F401  (registers the models)
+from mae_timm.models import MaskedAutoencoderViT
+from mae_timm.models.convert import mae_timm_to_hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import counted_flops, describe_run, markdown_table, write_results  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODES = ("eager", "compile", "reduce-overhead")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    key: str  # name on the command line and in the results file
+    model_name: str  # registered mae_timm pretext model, at its default architecture and input size
+    batch_size: int
+
+
+CONFIGS = {
+    c.key: c
+    for c in (
+        BenchConfig("vit_b16_224", "mae_vit_base_patch16", 256),  # decoder 512 x 8
+        BenchConfig("vit_t8_64", "mae_vit_tiny_patch8_64", 1024),  # decoder 128 x 4
+        BenchConfig("vit_t8_64_early_mask", "mae_vit_tiny_early_mask", 1024),
+    )
+}
+TINY_CONFIGS = {
+    c.key: c
+    for c in (BenchConfig("test", "mae_vit_test", 8), BenchConfig("test_early_mask", "mae_vit_test_early_mask", 8))
+}
+
+
+@dataclass
+class BenchSettings:
+    steps: int = 50  # timed steps per row
+    warmup: int = 15  # untimed steps before timing: compilation, autotuning, allocator growth
+    mask_ratio: float = 0.75
+    dtype: str = "bfloat16"  # autocast dtype; 'float32' runs without autocast
+    lr: float = 1.5e-4  # AdamW, as the MAE recipe at batch 256 (its value does not change the speed)
+    weight_decay: float = 0.05
+    modes: tuple[str, ...] = MODES
+    implementations: tuple[str, ...] = ("mae_timm", "hf")
+    matmul_size: int = 8192  # square matmul whose speed is the MFU denominator
+    seed: int = 0
+
+
+TINY_SETTINGS = BenchSettings(steps=2, warmup=1, dtype="float32", modes=("eager",), matmul_size=256)
+
+
+@dataclass
+class Pretext:
+    """A model and how to get its scalar loss from a batch of normalised images."""
+
+    model: nn.Module
+    loss: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    images: torch.Tensor = field(repr=False)
+
+
+def mae_timm_loss(mask_ratio: float) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """Loss of a mae_timm model: ``model(imgs, mask_ratio=r)[0]``."""
+
+    def loss(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        return model(imgs, mask_ratio=mask_ratio)[0]
+
+    return loss
+
+
+def hf_loss(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """Loss of a Hugging Face ``ViTMAEForPreTraining`` (its mask ratio lives in its config)."""
+    return model(pixel_values=imgs).loss
+
+
+def build(implementation: str, config: BenchConfig, settings: BenchSettings, device: torch.device) -> Pretext | None:
+    """The pretext model of ``implementation`` for ``config`` on ``device``; None where HF has no such model."""
+    torch.manual_seed(settings.seed)
+    model = timm.create_model(config.model_name, norm_pix_loss=True)
+    images = torch.randn(config.batch_size, *model.pretrained_cfg["input_size"], device=device)
+    if implementation == "mae_timm":
+        return Pretext(model.to(device), mae_timm_loss(settings.mask_ratio), images)
+    if not isinstance(model, MaskedAutoencoderViT):
+        return None
+    hf_model = mae_timm_to_hf(model, settings.mask_ratio, attn_implementation="sdpa")
+    return Pretext(hf_model.to(device), hf_loss, images)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 20) -> float:
+    """TFLOP/s of a ``size`` x ``size`` x ``size`` matmul in ``dtype``: the denominator of MFU."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def seconds_per_step(step: Callable[[], torch.Tensor], settings: BenchSettings, device: torch.device) -> tuple:
+    """(seconds per timed step, loss of the last step, peak memory in GiB or None on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(settings.warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(settings.steps):
+        loss = step()
+    synchronize(device)
+    elapsed = (time.perf_counter() - start) / settings.steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return elapsed, float(loss), peak
+
+
+def measure(
+    pretext: Pretext, mode: str, settings: BenchSettings, device: torch.device, flops: dict[str, int], peak: float
+) -> dict:
+    """Inference and training speed of one (model, mode): img/s, ms/step, TFLOP/s, MFU, peak memory, loss."""
+    dtype = getattr(torch, settings.dtype)
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    model = pretext.model if mode == "eager" else torch.compile(pretext.model, mode=_compile_mode(mode))
+    cudagraphs = mode == "reduce-overhead" and device.type == "cuda"
+
+    def infer_step() -> torch.Tensor:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.inference_mode(), torch.autocast(**autocast):
+            return pretext.loss(model, pretext.images).detach().clone()
+
+    optimizer = torch.optim.AdamW(
+        [p for p in pretext.model.parameters() if p.requires_grad],
+        lr=settings.lr,
+        betas=(0.9, 0.95),
+        weight_decay=settings.weight_decay,
+        fused=True,
+    )
+
+    def train_step() -> torch.Tensor:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(**autocast):
+            loss = pretext.loss(model, pretext.images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
+
+    row = {"mode": mode, "batch_size": pretext.images.shape[0]}
+    for phase, step in (("infer", infer_step), ("train", train_step)):
+        seconds, loss, memory = seconds_per_step(step, settings, device)
+        tflops = flops[phase] / seconds / 1e12
+        row[phase] = {
+            "img_per_s": pretext.images.shape[0] / seconds,
+            "ms_per_step": seconds * 1e3,
+            "tflops": tflops,
+            "mfu": tflops / peak,
+            "peak_memory_gib": memory,
+            "loss": loss,
+        }
+    return row
+
+
+def _compile_mode(mode: str) -> str:
+    return {"compile": "default", "reduce-overhead": "reduce-overhead"}[mode]
+
+
+def step_flops(pretext: Pretext, settings: BenchSettings) -> dict[str, int]:
+    """Model FLOPs of one inference step and one training step (forward + backward) of the eager model."""
+    dtype = getattr(torch, settings.dtype)
+    autocast = dict(device_type=pretext.images.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(**autocast):
+            pretext.loss(pretext.model, pretext.images)
+
+    def forward_backward() -> None:
+        with torch.autocast(**autocast):
+            loss = pretext.loss(pretext.model, pretext.images)
+        loss.backward()
+
+    flops = {"infer": counted_flops(forward), "train": counted_flops(forward_backward)}
+    pretext.model.zero_grad(set_to_none=True)
+    return flops
+
+
+def release(device: torch.device) -> None:
+    """Free what one row left behind (compiled graphs, CUDA-graph pools, cached blocks) before the next."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_config(config: BenchConfig, settings: BenchSettings, device: torch.device, peak: float) -> list[dict]:
+    """All rows of one config: each implementation in each mode."""
+    rows = []
+    for implementation in settings.implementations:
+        pretext = build(implementation, config, settings, device)
+        if pretext is None:
+            continue
+        flops = step_flops(pretext, settings)
+        initial_state = {k: v.clone() for k, v in pretext.model.state_dict().items()}
+        for mode in settings.modes:
+            pretext.model.load_state_dict(initial_state)  # every mode trains from the same weights and seed
+            torch.manual_seed(settings.seed)
+            row = {"config": config.key, "model": config.model_name, "implementation": implementation}
+            row |= measure(pretext, mode, settings, device, flops, peak)
+            row["gflops_per_image"] = {phase: flops[phase] / config.batch_size / 1e9 for phase in flops}
+            rows.append(row)
+            print(_row_line(row), flush=True)
+            release(device)
+        del pretext, initial_state
+        release(device)
+    return rows
+
+
+def _row_line(row: dict) -> str:
+    train, infer = row["train"], row["infer"]
+    return (
+        f"{row['config']:22s} {row['implementation']:8s} {row['mode']:15s} "
+        f"train {train['img_per_s']:10.1f} img/s {train['ms_per_step']:9.2f} ms  MFU {train['mfu']:6.1%}  "
+        f"infer {infer['img_per_s']:10.1f} img/s"
+    )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def render(rows: list[dict], peak: float, settings: BenchSettings) -> str:
+    """Markdown: the measured matmul peak, then training and inference tables."""
+    lines = [
+        f"{settings.dtype} matmul peak ({settings.matmul_size}^3, same run): {peak:.3g} TFLOP/s. "
+        f"{settings.warmup} warm-up + {settings.steps} timed steps per row; mask ratio {settings.mask_ratio}; "
+        "random input; norm-pix loss; fused AdamW.",
+    ]
+    header = ["config", "implementation", "mode", "batch", "img/s", "ms/step", "GFLOP/img", "TFLOP/s", "MFU",
+              "peak mem (GiB)", "loss"]
+    for phase, title in (("train", "Training step (forward + backward + AdamW)"), ("infer", "Inference (forward)")):
+        table = [
+            [r["config"], r["implementation"], r["mode"], r["batch_size"], f"{r[phase]['img_per_s']:.0f}",
+             f"{r[phase]['ms_per_step']:.2f}", f"{r['gflops_per_image'][phase]:.4g}", f"{r[phase]['tflops']:.3g}",
+             f"{r[phase]['mfu']:.1%}", _fmt(r[phase]["peak_memory_gib"], ".2f"), f"{r[phase]['loss']:.4f}"]
+            for r in rows
+        ]
+        lines += ["", f"{title}:", "", markdown_table(header, table)]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: test models, fp32, 2 timed steps")
+    parser.add_argument("--config", nargs="+", help=f"configs to run (default: all); {list(CONFIGS)}")
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="default: all on a GPU, eager with --tiny")
+    parser.add_argument("--implementations", nargs="+", choices=("mae_timm", "hf"), help="default: both")
+    parser.add_argument("--steps", type=int, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, help="untimed steps per row")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/ on a GPU, none on CPU)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configs = TINY_CONFIGS if args.tiny else CONFIGS
+    settings = TINY_SETTINGS if args.tiny else BenchSettings()
+    overrides = dict(modes=args.modes, implementations=args.implementations, steps=args.steps, warmup=args.warmup)
+    settings = replace(settings, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v})
+    unknown = set(args.config or ()) - set(configs)
+    if unknown:
+        print(f"unknown config {sorted(unknown)}; choose from {list(configs)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    out = args.out or (RESULTS_DIR if device.type == "cuda" and not args.tiny else None)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
+    peak = matmul_peak_tflops(device, getattr(torch, settings.dtype), settings.matmul_size)
+    print(f"{settings.dtype} matmul peak: {peak:.3g} TFLOP/s on {device}", flush=True)
+    run = describe_run(device)
+    for key in args.config or configs:
+        rows = run_config(configs[key], settings, device, peak)
+        markdown = render(rows, peak, settings)
+        print(markdown)
+        if out is not None:
+            results = {"settings": asdict(settings), "matmul_peak_tflops": peak, "rows": rows}
+            write_results(out, f"throughput_{key}", run, results, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The benchmark scripts on CPU: FLOP counters agree with each other, and both scripts run on tiny configs."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+import mae_timm  # noqa: F401  (registers the models)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import flops  # noqa: E402
+import throughput  # noqa: E402
+from common import counted_flops, fvcore_macs, mae_macs, vit_macs  # noqa: E402
+
+RTOL = 0.02  # the issue's bar for fvcore + attention handle vs FlopCounterMode vs the analytic formula
+
+
+class Attention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_sdpa_handle_counts_both_attention_products():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+    expected = 2 * 3 * 5 * 7 * 8 + 2 * 3 * 5 * 7 * 4  # QK^T (B, nh, Tq, Tk) from hs=8, then AV with hs_v=4
+    assert fvcore_macs(Attention(), (q, k, v))[""] == expected
+    assert counted_flops(lambda: Attention()(q, k, v)) == 2 * expected  # FlopCounterMode: 2 per multiply-add
+
+
+def test_counters_agree_on_timm_vit():
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    analytic = 2 * sum(
+        vit_macs(num_patches=16, patch_dim=3 * 8 * 8, embed_dim=32, depth=2, mlp_hidden=128, num_classes=10).values()
+    )
+    with torch.no_grad():
+        fvcore_total = fvcore_macs(vit, (x,))[""]
+        counted = counted_flops(lambda: vit(x)) / 2
+    assert fvcore_total == pytest.approx(counted, rel=RTOL)
+    assert fvcore_total == pytest.approx(analytic, rel=RTOL)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.75, 0.9])
+def test_counters_agree_on_late_mask_mae_by_part(mask_ratio):
+    row = flops.count_model("mae_vit_test", mask_ratio)
+    model = timm.create_model("mae_vit_test")
+    analytic = mae_macs(model, mask_ratio)
+    assert row["macs"]["patch_embed"] == pytest.approx(analytic["patch_embed"], rel=RTOL)
+    assert row["macs"]["encoder"] == pytest.approx(analytic["encoder"], rel=RTOL)
+    assert row["macs"]["decoder/head"] == pytest.approx(analytic["decoder"], rel=RTOL)
+    assert row["macs"]["total"] == pytest.approx(row["flop_counter_macs"], rel=RTOL)
+
+
+def test_flops_script_on_test_models(tmp_path):
+    argv = ["--models", "mae_vit_test*", "apl_vit_test", "--mask-ratios", "0", "0.75", "--out", str(tmp_path)]
+    assert flops.main(argv) == 0
+    results = json.loads((tmp_path / "flops.json").read_text())
+    macs = {(r["model"], r["mask_ratio"]): r["macs"] for r in results["rows"]}
+    assert set(macs) == {(m, r) for m in ("mae_vit_test", "mae_vit_test_early_mask", "apl_vit_test") for r in (0, 0.75)}
+    assert macs["mae_vit_test", 0.75]["encoder"] < macs["mae_vit_test", 0.0]["encoder"]  # late mask: fewer tokens
+    assert macs["mae_vit_test_early_mask", 0.75] == macs["mae_vit_test_early_mask", 0.0]  # early mask: all tokens
+    assert macs["apl_vit_test", 0.75]["encoder"] < macs["apl_vit_test", 0.0]["encoder"]  # patch dropout
+    comparisons = {r["comparison"]: r for r in results["ratios"]}
+    assert comparisons.keys() == {"mask tokens in encoder", "early-mask model"}
+    assert comparisons["mask tokens in encoder"]["encoder_ratio"] > 1
+    assert "GMACs" in (tmp_path / "flops.md").read_text()
+
+
+def test_throughput_script_tiny(tmp_path):
+    assert throughput.main(["--tiny", "--config", "test", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "throughput_test.json").read_text())
+    rows = {r["implementation"]: r for r in results["rows"]}
+    assert rows.keys() == {"mae_timm", "hf"}
+    for row in rows.values():
+        for phase in ("train", "infer"):
+            assert row[phase]["img_per_s"] > 0 and torch.isfinite(torch.tensor(row[phase]["loss"]))
+        assert 2 < row["gflops_per_image"]["train"] / row["gflops_per_image"]["infer"] < 3.5
+    # the HF peer is built to the same architecture: the same forward FLOPs
+    hf, ours = rows["hf"]["gflops_per_image"], rows["mae_timm"]["gflops_per_image"]
+    assert hf["infer"] == pytest.approx(ours["infer"], rel=RTOL)
+
+
+@pytest.mark.gpu
+def test_throughput_script_all_modes_on_gpu(tmp_path):
+    argv = ["--tiny", "--config", "test", "--device", "cuda", "--modes", *throughput.MODES, "--out", str(tmp_path)]
+    assert throughput.main(argv) == 0
+    rows = json.loads((tmp_path / "throughput_test.json").read_text())["rows"]
+    assert {(r["implementation"], r["mode"]) for r in rows} == {
+        (implementation, mode) for implementation in ("mae_timm", "hf") for mode in throughput.MODES
+    }
+    assert all(r["train"]["peak_memory_gib"] > 0 for r in rows)
