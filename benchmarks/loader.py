@@ -102,19 +102,19 @@ def imagefolder_loader(root: Path, bench: LoaderBench, workers: int):
         transforms.RandomResizedCrop(bench.img_size, scale=(0.2, 1.0), interpolation=bicubic),
         transforms.RandomHorizontalFlip(),
         transforms.PILToTensor(),
-    ])  # fmt: skip
+    ])
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
 
     def make(epoch):
         return torch.utils.data.DataLoader(dataset, batch_size=bench.batch_size, shuffle=True, num_workers=workers,
-                                           drop_last=True, generator=torch.Generator().manual_seed(epoch))  # fmt: skip
+                                           drop_last=True, generator=torch.Generator().manual_seed(epoch))
 
     return make
 
 
 def shard_loader(shards: Path, bench: LoaderBench, workers: int):
     loader = create_loader(shards, "train", bench.batch_size, train=True, img_size=bench.img_size, num_workers=workers,
-                           seed=bench.seed, pin_memory=False)  # fmt: skip
+                           seed=bench.seed, pin_memory=False)
 
     def make(epoch):
         loader.set_epoch(epoch)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where loader.json / loader.md go")
     args = parser.parse_args(argv)
     bench = LoaderBench(images=args.images, repeats=args.repeats,
-                        workers=tuple(args.workers) or tuple(range(1, (os.cpu_count() or 1) + 1)))  # fmt: skip
+                        workers=tuple(args.workers) or tuple(range(1, (os.cpu_count() or 1) + 1)))
     run = describe_run(torch.device("cpu"))
     run["device"] = f"{run['device'].split(' (')[0]}, {os.cpu_count()} cores visible"
     run["versions"] += f", torchvision {torchvision.__version__}, webdataset {webdataset.__version__}, "
@@ -142,26 +142,26 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         mean_bytes = write_folder(tmp / "folder", bench)
         write_source(tmp / "shards", imagefolder(tmp / "folder", ("train",)), shard_size=bench.shard_size,
-                     min_shards=1, seed=bench.seed, progress=False)  # fmt: skip
+                     min_shards=1, seed=bench.seed, progress=False)
         for workers in bench.workers:
             for name, make in (("ImageFolder + DataLoader", imagefolder_loader(tmp / "folder", bench, workers)),
-                               ("mae_timm create_loader", shard_loader(tmp / "shards", bench, workers))):  # fmt: skip
+                               ("mae_timm create_loader", shard_loader(tmp / "shards", bench, workers))):
                 result = time_epochs(make, bench.repeats)
                 rows.append(dict(loader=name, workers=workers, **result))
                 print(f"{name:26s} workers={workers}: {result['images_per_s']:8.0f} img/s, "
-                      f"epoch {result['epoch_s']:.2f} s", flush=True)  # fmt: skip
+                      f"epoch {result['epoch_s']:.2f} s", flush=True)
     run["load average (1 min) before / after"] = f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
     baseline = {r["workers"]: r["images_per_s"] for r in rows if r["loader"].startswith("ImageFolder")}
     table = markdown_table(
         ["loader", "workers", "images/s", "images/s per worker", "vs ImageFolder", "epoch s (with start-up)"],
         [[r["loader"], r["workers"], f"{r['images_per_s']:.0f}", f"{r['images_per_s'] / r['workers']:.0f}",
           f"{r['images_per_s'] / baseline[r['workers']]:.2f}x", f"{r['epoch_s']:.2f}"] for r in rows],
-    )  # fmt: skip
+    )
     note = (f"{bench.images} synthetic {bench.img_size} px JPEGs (mean {mean_bytes:.0f} bytes), batch "
             f"{bench.batch_size}, median of {bench.repeats} epochs. For each worker count the two loaders run back "
             "to back, under the same background load (the load average above; a shared machine lowers every "
             "absolute figure). "
-            "The 16-core GPU-host target (>= 50,000 images/s) is not measured here.")  # fmt: skip
+            "The 16-core GPU-host target (>= 50,000 images/s) is not measured here.")
     write_results(args.out, "loader", run, dict(settings=asdict(bench), mean_jpeg_bytes=mean_bytes, rows=rows),
                   f"{table}\n\n{note}")
     return 0

@@ -128,5 +128,5 @@ def make_shards(
         ]
     out = Path(tmp_path) / "shards"
     write_shards(out, splits, [f"class_{c}" for c in range(num_classes)], name="fake", min_shards=min_shards,
-                 seed=seed, progress=False)  # fmt: skip
+                 seed=seed, progress=False)
     return out

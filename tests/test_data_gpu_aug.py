@@ -60,7 +60,7 @@ def test_loader_with_crop_on_device(tmp_path, device):
     from mae_timm.data import create_loader
 
     loader = create_loader(make_shards(tmp_path), "train", 8, train=True, img_size=32, num_workers=0,
-                           crop_on_device=True)  # fmt: skip
+                           crop_on_device=True)
     images, labels = next(iter(loader))
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
     out = GpuAugment(img_size=24, random_crop=True).to(device)(images.to(device))

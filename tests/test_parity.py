@@ -452,12 +452,12 @@ BLOCK_KEYS = [
 OFFICIAL_ENCODER_KEYS = [
     "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
     *[f"blocks.0.{k}" for k in BLOCK_KEYS], "norm.weight", "norm.bias",
-]  # fmt: skip
+]
 OFFICIAL_DECODER_KEYS = [
     "decoder_embed.weight", "decoder_embed.bias", "mask_token", "decoder_pos_embed",
     *[f"decoder_blocks.0.{k}" for k in BLOCK_KEYS], "decoder_norm.weight", "decoder_norm.bias",
     "decoder_pred.weight", "decoder_pred.bias",
-]  # fmt: skip
+]
 LOADERS = ["checkpoint_path", "pretrained_file"]
 
 

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, name: str) -> int:
             if not args.src:
                 raise DataError("tiny-imagenet needs --src (the zip, its extracted folder, or a URL)")
             data = tiny_imagenet(args.src, splits, md5=args.md5, download_dir=args.download_dir,
-                                 progress=not args.quiet)  # fmt: skip
+                                 progress=not args.quiet)
         elif args.source == "imagefolder":
             if not args.src:
                 raise DataError("imagefolder needs --src (root/<split>/<class>/<image> or root/<class>/<image>)")
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, name: str) -> int:
         else:
             data = fashion_mnist(args.src or FASHION_MNIST_ROOT, splits, limit=args.limit)
         info = write_source(args.out, data, shard_size=args.shard_size, min_shards=args.min_shards, seed=args.seed,
-                            progress=not args.quiet)  # fmt: skip
+                            progress=not args.quiet)
     except DataError as exn:
         print(f"mae-timm {name}: error: {exn}", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ class GpuAugment(nn.Module):
         n, c, h, w = x.shape
         size = self.img_size or h
         boxes = random_resized_crop_boxes(n, h, w, scale=self.scale, ratio=self.ratio, generator=generator,
-                                          device=x.device)  # fmt: skip
+                                          device=x.device)
         left, top, crop_w, crop_h = boxes.unbind(1)  # (N,) each
         flip = torch.rand(n, generator=generator, device=x.device) < self.hflip
         theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)  # output [-1, 1] -> input [-1, 1]
@@ -107,5 +107,5 @@ class GpuAugment(nn.Module):
             x = self.crop_and_flip(x, generator)
         elif self.img_size is not None and x.shape[-2:] != (self.img_size, self.img_size):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True,
-                              align_corners=False).clamp_(0, 255)  # fmt: skip
+                              align_corners=False).clamp_(0, 255)
         return (x - self.mean) / self.std

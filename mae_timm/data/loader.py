@@ -287,7 +287,7 @@ class _Stream:
                 yield dict(url=rng.choice(self.urls))
         urls = shards_for_reader(self.urls, seed=self.seed, epoch=self.epoch, rank=self.rank,
                                  world_size=self.world_size, worker=worker, num_workers=num_workers,
-                                 shuffle=self.train, repetition=self.repetition)  # fmt: skip
+                                 shuffle=self.train, repetition=self.repetition)
         # the shuffle and augment stages took their generators for this pass already (they pull first)
         self.repetition += 1
         for url in urls:
@@ -329,7 +329,7 @@ class _Stream:
             except DECODE_ERRORS as exn:
                 self.errors[self._reader()[0], 0] += 1
                 _logger.warning("skipped undecodable image %s in %s: %r", sample.get("__key__"),
-                                sample.get("__url__"), exn)  # fmt: skip
+                                sample.get("__url__"), exn)
                 continue
             if self.train and not self.crop_on_device:
                 yield train_crop(image, self.img_size, rng, self.scale), label
@@ -352,7 +352,7 @@ class ShardLoader:
     """Batches ``(images (N, 3, H, W) uint8, labels (N,) int64)`` from shards; see :func:`create_loader`."""
 
     def __init__(self, stream: _Stream, shard_set: ShardSet, num_workers: int, pin_memory: bool, batches: int,
-                 batches_per_worker: int | None):  # fmt: skip
+                 batches_per_worker: int | None):
         self.stream = stream
         self.shard_set = shard_set
         self.num_workers = num_workers
@@ -400,7 +400,7 @@ class ShardLoader:
         if sum(errors.values()) > self._reported:
             self._reported = sum(errors.values())
             _logger.warning("epoch %d: skipped %d undecodable images and %d damaged shards so far", self.stream.epoch,
-                            errors["bad_images"], errors["bad_shards"])  # fmt: skip
+                            errors["bad_images"], errors["bad_shards"])
 
 
 def _eval_batches(shard_set: ShardSet, batch_size: int, rank: int, world_size: int, num_workers: int) -> int:
@@ -412,7 +412,7 @@ def _eval_batches(shard_set: ShardSet, batch_size: int, rank: int, world_size: i
     total = 0
     for worker in range(num_workers):
         urls = shards_for_reader(shard_set.urls, seed=0, epoch=0, rank=rank, world_size=world_size, worker=worker,
-                                 num_workers=num_workers, shuffle=False)  # fmt: skip
+                                 num_workers=num_workers, shuffle=False)
         total += math.ceil(sum(length_of[u] for u in urls) / batch_size)
     return total
 
@@ -473,7 +473,7 @@ def create_loader(
             raise DataError(f"{shard_set.num_samples} samples give no full batch of {batch_size} on {world_size} ranks")
         if not resampled and len(shard_set.urls) < world_size * readers:
             raise DataError(f"{len(shard_set.urls)} shards cannot feed {world_size} ranks x {readers} workers; "
-                            "write more shards (--min-shards), use fewer workers, or resampled=True")  # fmt: skip
+                            "write more shards (--min-shards), use fewer workers, or resampled=True")
         batches_per_worker = math.ceil(per_rank / readers)
         batches = batches_per_worker * readers
     else:
@@ -484,7 +484,7 @@ def create_loader(
     errors = torch.zeros(MAX_READERS, 2, dtype=torch.int64).share_memory_()
     stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
                      world_size=world_size, resampled=resampled, crop_on_device=crop_on_device, crop_pct=crop_pct,
-                     scale=tuple(scale), shuffle_buffer=shuffle_buffer, errors=errors, epoch=epoch)  # fmt: skip
+                     scale=tuple(scale), shuffle_buffer=shuffle_buffer, errors=errors, epoch=epoch)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ShardLoader(stream, shard_set, num_workers, pin_memory, batches, batches_per_worker)

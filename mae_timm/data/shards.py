@@ -132,7 +132,7 @@ def write_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = [c if isinstance(c, Mapping) else dict(index=i, id=str(c), name=str(c)) for i, c in enumerate(classes)]
     info = dict(name=name, num_classes=len(classes), classes=classes, splits={}, seed=seed, source=source,
-                format_version=FORMAT_VERSION)  # fmt: skip
+                format_version=FORMAT_VERSION)
     info_path = out_dir / INFO_NAME
     if info_path.is_file():
         previous = json.loads(info_path.read_text())
@@ -163,7 +163,7 @@ def write_shards(
             bar.update(length)
         bar.close()
         info["splits"][split] = dict(name=split, num_samples=len(samples), filenames=filenames, shard_lengths=lengths,
-                                     sha256=digests)  # fmt: skip
+                                     sha256=digests)
         _write_json(info_path, info)
     return info
 

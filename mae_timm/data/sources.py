@@ -37,7 +37,7 @@ IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+)
 FASHION_MNIST_FILES = {  # split -> (images, labels)
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "validation": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -170,7 +170,7 @@ def fashion_mnist(
     """
     root = Path(root)
     data = SourceData("fashion-mnist", [dict(index=i, id=str(i), name=n) for i, n in enumerate(FASHION_MNIST_CLASSES)],
-                      source=str(root))  # fmt: skip
+                      source=str(root))
     for split in splits:
         if split not in FASHION_MNIST_FILES:
             raise DataError(f"fashion-mnist has splits {list(FASHION_MNIST_FILES)}, not {split!r}")

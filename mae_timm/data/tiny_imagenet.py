@@ -227,7 +227,7 @@ def tiny_imagenet(
             raise DataError(f"words.txt of {tree.label} has no name for class {wnid}")
     classes = [dict(index=i, id=w, name=names[w]) for i, w in enumerate(wnids)]
     readers = dict(train=lambda: _train_entries(tree, wnids), validation=lambda: _validation_entries(tree, wnids),
-                   test=lambda: _test_entries(tree))  # fmt: skip
+                   test=lambda: _test_entries(tree))
     data = SourceData("tiny-imagenet", classes, source=src)
     for split in splits:
         data.splits[split] = _lazy_samples(tree, readers[split]())
