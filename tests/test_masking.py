@@ -133,3 +133,12 @@ def test_block_masking_makes_contiguous_blocks():
     neighbour = padded[:, :-2, 1:-1] | padded[:, 2:, 1:-1] | padded[:, 1:-1, :-2] | padded[:, 1:-1, 2:]
     share = (removed & neighbour).sum() / removed.sum()
     assert share > 0.9
+
+
+def test_cpu_generator_masks_tokens_on_the_device(device):
+    """The noise is drawn where the generator lives and moved to the tokens' device."""
+    x = torch.randn(3, 10, 4, device=device)
+    x_visible, mask, ids_restore = random_masking(x, 0.5, generator=torch.Generator().manual_seed(1))
+    assert x_visible.device == mask.device == ids_restore.device == x.device
+    expected = random_masking(x.cpu(), 0.5, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip((x_visible, mask, ids_restore), expected))

@@ -127,3 +127,13 @@ def test_mask_ratio_zero_encoder_equals_exported_vit(name):
     if name.endswith("early_mask"):
         features = model.encoder_head(features)  # the early-mask encoder ends in its sequence MLP head
     assert torch.allclose(features, latent, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_vit_test_early_mask"])
+def test_export_keeps_encoder_options(name):
+    """Options that add encoder weights (qk-norm, LayerScale) travel into the exported timm ViT."""
+    model = timm.create_model(name, qk_norm=True, init_values=1e-4).eval()
+    vit = mae_timm.create_timm_encoder(model).eval()
+    assert mae_timm.encoder_kwargs(model)["qk_norm"] and mae_timm.encoder_kwargs(model)["init_values"] == 1e-4
+    imgs = torch.randn(2, 3, 32, 32)
+    assert torch.equal(vit.forward_features(imgs), model.forward_features(imgs))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.layers import to_2tuple
 
 __all__ = [
     "num_kept",
@@ -64,9 +65,10 @@ def random_masking_ids(
     """
     len_keep = num_kept(length, mask_ratio)
     if noise is None:
-        if generator is not None and device is None:
-            device = generator.device
-        noise = torch.rand(batch, length, generator=generator, device=device)
+        # drawn where the generator lives (a CPU generator can mask CUDA tokens), then moved
+        draw_device = generator.device if generator is not None else device
+        noise = torch.rand(batch, length, generator=generator, device=draw_device)
+        noise = noise.to(device) if device is not None else noise
     elif noise.shape != (batch, length):
         raise ValueError(f"noise must have shape {(batch, length)}, got {tuple(noise.shape)}")
     return ids_from_noise(noise, len_keep)
@@ -104,8 +106,10 @@ def restore_tokens(x_visible: torch.Tensor, mask_token: torch.Tensor, ids_restor
     return torch.gather(x, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, dim))  # unshuffle
 
 
-def _as_grid(grid_size: int | tuple[int, int]) -> tuple[int, int]:
-    return (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"block and grid masks are drawn on the CPU: pass a CPU generator, not {generator.device}")
+    return generator
 
 
 def _noise_from_removed(removed: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -177,7 +181,8 @@ def block_masking(
 
     Sampling runs on the CPU (``generator`` must be a CPU generator); results move to ``device``.
     """
-    gh, gw = _as_grid(grid_size)
+    gh, gw = to_2tuple(grid_size)
+    generator = _cpu_generator(generator)
     length = gh * gw
     num_removed = length - num_kept(length, mask_ratio)
     removed = torch.stack(
@@ -204,7 +209,8 @@ def grid_masking(
     When the lattice does not hold exactly ``len_keep`` patches (ratios that are not ``1 - 1/s^2``, or grids
     not divisible by ``s``), random patches are added to or taken from it so the count is exact.
     """
-    gh, gw = _as_grid(grid_size)
+    gh, gw = to_2tuple(grid_size)
+    generator = _cpu_generator(generator)
     length = gh * gw
     len_keep = num_kept(length, mask_ratio)
     cell = max(1, round(math.sqrt(1.0 / (1.0 - mask_ratio))))

@@ -7,17 +7,14 @@ prediction ``(N, L, p*p*C)`` from an official checkpoint lines up with ``patchif
 from __future__ import annotations
 
 import torch
+from timm.layers import to_2tuple
 
 __all__ = ["patchify", "unpatchify"]
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def patchify(imgs: torch.Tensor, patch_size: int | tuple[int, int]) -> torch.Tensor:
     """imgs: (N, C, H, W) -> x: (N, L, ph*pw*C) with L = (H/ph) * (W/pw), patches in raster order."""
-    ph, pw = _pair(patch_size)
+    ph, pw = to_2tuple(patch_size)
     n, c, height, width = imgs.shape
     if height % ph or width % pw:
         raise ValueError(f"image size {(height, width)} is not divisible by patch size {(ph, pw)}")
@@ -29,8 +26,8 @@ def patchify(imgs: torch.Tensor, patch_size: int | tuple[int, int]) -> torch.Ten
 
 def unpatchify(x: torch.Tensor, patch_size: int | tuple[int, int], img_size: int | tuple[int, int]) -> torch.Tensor:
     """x: (N, L, ph*pw*C) -> imgs: (N, C, H, W); the exact inverse of :func:`patchify`."""
-    ph, pw = _pair(patch_size)
-    height, width = _pair(img_size)
+    ph, pw = to_2tuple(patch_size)
+    height, width = to_2tuple(img_size)
     n, length, dim = x.shape
     h, w = height // ph, width // pw
     if height % ph or width % pw or h * w != length or dim % (ph * pw):

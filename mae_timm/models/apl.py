@@ -22,15 +22,17 @@ The encoder (crop + flatten + optional linear projection, blocks, norm) is exact
 whose kernel is zero on the K-pixel border (see `encoder_kwargs` / `encoder_state_dict`).
 """
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from mae_timm.layers import gather_tokens, random_masking_ids
+from mae_timm.models.common import pretext_cfg
 
 __all__ = ["APLViT", "CroppedPatchEmbed", "PatchCNN", "position_accuracy"]
 
@@ -265,21 +267,13 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: APLViT) -> 
     return out
 
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "",
-        "num_classes": 0,
-        "input_size": (3, 64, 64),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "license": "apache-2.0",
-        "origin_url": "https://github.com/le0x99/self-supervised-vision-transformers",
-        **kwargs,
-    }
+_cfg = partial(
+    pretext_cfg,
+    input_size=(3, 64, 64),
+    crop_pct=1.0,
+    license="apache-2.0",
+    origin_url="https://github.com/le0x99/self-supervised-vision-transformers",
+)
 
 
 default_cfgs = generate_default_cfgs({

@@ -8,7 +8,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mae_timm.layers import block_masking, grid_masking, patchify, random_masking_ids
 
-__all__ = ["masked_mse_loss", "mask_ids_for", "init_linear_and_norm", "pretext_cfg"]
+__all__ = ["PixelReconstruction", "masked_mse_loss", "mask_ids_for", "init_linear_and_norm", "pretext_cfg"]
+
+# timm VisionTransformer kwargs that change the encoder's weights (beyond sizes), kept for export
+ENCODER_ARCH_KEYS = ("qk_norm", "init_values")
 
 
 def masked_mse_loss(
@@ -74,3 +77,27 @@ def pretext_cfg(**kwargs) -> dict:
         "license": "cc-by-nc-4.0",
         **kwargs,
     }
+
+
+class PixelReconstruction:
+    """What the pixel-reconstruction models (late and early mask) share, mixed into a timm `VisionTransformer`:
+    the MAE loss, and the description of the encoder that export needs.
+
+    The subclass calls :meth:`record_encoder_args` with its constructor's encoder arguments and sets
+    ``encoder_layout`` (cls token, pooling) to the values a timm `VisionTransformer` needs to hold the encoder.
+    """
+
+    encoder_layout: dict
+
+    def record_encoder_args(self, vit_kwargs: dict, **sizes) -> None:
+        self._encoder_args = dict(sizes, **{k: v for k, v in vit_kwargs.items() if k in ENCODER_ARCH_KEYS})
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) with 1 = removed -> scalar loss."""
+        return masked_mse_loss(
+            imgs, pred, mask, self.patch_embed.patch_size, self.norm_pix_loss, self.loss_on_all_patches
+        )
+
+    def encoder_kwargs(self) -> dict:
+        """JSON-able kwargs of the timm `VisionTransformer` that holds this encoder (``num_classes=0``)."""
+        return dict(self._encoder_args, **self.encoder_layout, fc_norm=False, num_classes=0)

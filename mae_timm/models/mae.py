@@ -21,16 +21,15 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from mae_timm.layers import gather_tokens, get_2d_sincos_pos_embed, resample_pos_embed, restore_tokens
-from mae_timm.models.common import init_linear_and_norm, mask_ids_for, masked_mse_loss, pretext_cfg
+from mae_timm.models.common import PixelReconstruction, init_linear_and_norm, mask_ids_for, pretext_cfg
 
 __all__ = ["MaskedAutoencoderViT", "checkpoint_filter_fn"]
 
-# encoder kwargs that describe the architecture (what a timm VisionTransformer needs to hold the weights)
-_ENCODER_ARCH_KEYS = ("qk_norm", "init_values")
 
-
-class MaskedAutoencoderViT(VisionTransformer):
+class MaskedAutoencoderViT(PixelReconstruction, VisionTransformer):
     """MAE with a timm ViT encoder (cls token, fixed sin-cos `pos_embed`) and a timm-Block decoder."""
+
+    encoder_layout = dict(class_token=True, global_pool="token")
 
     def __init__(
         self,
@@ -69,15 +68,9 @@ class MaskedAutoencoderViT(VisionTransformer):
         self.norm_pix_loss = norm_pix_loss
         self.loss_on_all_patches = loss_on_all_patches
         self.mask_type = mask_type
-        self._encoder_args = dict(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            **{k: v for k, v in kwargs.items() if k in _ENCODER_ARCH_KEYS},
+        self.record_encoder_args(
+            kwargs, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio,
         )
         self.pos_embed.requires_grad_(False)  # fixed sin-cos, as in the paper
         num_patches = self.patch_embed.num_patches
@@ -141,12 +134,6 @@ class MaskedAutoencoderViT(VisionTransformer):
         x = self.decoder_pred(x)
         return x[:, 1:, :]  # remove cls token
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) with 1 = removed -> scalar loss."""
-        return masked_mse_loss(
-            imgs, pred, mask, self.patch_embed.patch_size, self.norm_pix_loss, self.loss_on_all_patches
-        )
-
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,10 +142,6 @@ class MaskedAutoencoderViT(VisionTransformer):
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
-
-    def encoder_kwargs(self) -> dict:
-        """Kwargs of the timm `VisionTransformer` that holds this encoder (cls token, learnable-shaped pos table)."""
-        return dict(self._encoder_args, class_token=True, global_pool="token", fc_norm=False, num_classes=0)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm `VisionTransformer` names (the same as the official ones)."""

@@ -25,13 +25,15 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from mae_timm.layers import get_2d_sincos_pos_embed
-from mae_timm.models.common import init_linear_and_norm, mask_ids_for, masked_mse_loss, pretext_cfg
+from mae_timm.models.common import PixelReconstruction, init_linear_and_norm, mask_ids_for, pretext_cfg
 
 __all__ = ["EarlyMaskViT"]
 
 
-class EarlyMaskViT(VisionTransformer):
+class EarlyMaskViT(PixelReconstruction, VisionTransformer):
     """Early-mask autoencoder with a timm ViT encoder (no cls token, fixed sin-cos `pos_embed`)."""
+
+    encoder_layout = dict(class_token=False, global_pool="avg")
 
     def __init__(
         self,
@@ -76,14 +78,9 @@ class EarlyMaskViT(VisionTransformer):
         self.norm_pix_loss = norm_pix_loss
         self.loss_on_all_patches = loss_on_all_patches
         self.mask_type = mask_type
-        self._encoder_args = dict(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
+        self.record_encoder_args(
+            kwargs, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio,
         )
         self.pos_embed.requires_grad_(False)  # fixed sin-cos
         num_patches = self.patch_embed.num_patches
@@ -135,12 +132,6 @@ class EarlyMaskViT(VisionTransformer):
         x = self.decoder_norm(x)
         return self.decoder_pred(x)
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) with 1 = removed -> scalar loss."""
-        return masked_mse_loss(
-            imgs, pred, mask, self.patch_embed.patch_size, self.norm_pix_loss, self.loss_on_all_patches
-        )
-
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,10 +140,6 @@ class EarlyMaskViT(VisionTransformer):
         pred = self.forward_decoder(latent)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
-
-    def encoder_kwargs(self) -> dict:
-        """Kwargs of the timm `VisionTransformer` that holds this encoder: no cls token, mean pooling."""
-        return dict(self._encoder_args, class_token=False, global_pool="avg", fc_norm=False, num_classes=0)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Patch embedding, position table, blocks and final norm under timm `VisionTransformer` names."""
