@@ -1,9 +1,11 @@
-"""Pretraining engine on CPU: settings, atomic checkpoints, 20 updates on tiny shards, exact resume after kill -9,
-SIGTERM, non-finite loss, other pretext models, two-process gloo DDP, ``--help``."""
+"""Pretraining engine on CPU: settings, atomic checkpoints, 20 updates on tiny shards, a used run folder, exact
+resume after kill -9 (mid-save, and mid-update with loader workers), SIGTERM, non-finite loss, short epochs, other
+pretext models, two-process gloo DDP with resume, ``--help``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ from fakes import make_shards
 
 import mae_timm.engine.pretrain as pretrain_module
 from mae_timm import cli
+from mae_timm.data import DataError
 from mae_timm.engine.checkpoint import (
     checkpoint_path,
     find_latest_checkpoint,
@@ -29,7 +32,7 @@ from mae_timm.engine.checkpoint import (
     save_checkpoint,
 )
 from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args, load_config, save_config
-from mae_timm.engine.pretrain import pretrain
+from mae_timm.engine.pretrain import pretrain, update_batches
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -61,19 +64,37 @@ def small_config(out: Path, shards: Path, **overrides) -> PretrainConfig:
     return PretrainConfig(**dict(settings, **overrides))
 
 
+def tensorboard_installed() -> bool:
+    """Whether ``torch.utils.tensorboard`` imports (tensorboard is optional)."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def read_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records}
 
 
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def run_reference(shards: Path, out: Path, num_workers: int) -> tuple[Path, dict[int, float]]:
     """An uninterrupted 20-update run: (run folder, {step: loss})."""
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("reference")
-    result = pretrain(small_config(out, shards))
+    result = pretrain(small_config(out, shards, num_workers=num_workers))
     assert result.step == STEPS and not result.interrupted
     return out, read_losses(out)
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    return run_reference(shards, tmp_path_factory.mktemp("reference"), num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def reference_two_workers(shards, tmp_path_factory):
+    """The reference with 2 loader workers (the sample order depends on the worker count)."""
+    return run_reference(shards, tmp_path_factory.mktemp("reference2"), num_workers=2)
 
 
 def test_config_file_then_options(tmp_path):
@@ -101,9 +122,12 @@ def test_shipped_configs_load(path):
 
 
 def test_checkpoints_atomic_newest_valid_last_k(tmp_path):
-    for step in (1, 2, 3):
+    def save(step):
         save_checkpoint(dict(model={"w": torch.full((2,), float(step))}, model_name="m", model_kwargs={}, step=step),
                         checkpoint_path(tmp_path, step))
+
+    for step in (1, 2, 3):
+        save(step)
     assert os.path.samefile(tmp_path / "last.pt", checkpoint_path(tmp_path, 3))
     newest = checkpoint_path(tmp_path, 3)
     newest.write_bytes(newest.read_bytes()[:100])  # a truncated file (e.g. a disk that filled up)
@@ -114,6 +138,10 @@ def test_checkpoints_atomic_newest_valid_last_k(tmp_path):
         load_checkpoint(newest)
     prune_checkpoints(tmp_path, keep_last=1)
     assert list_checkpoints(tmp_path) == [newest]
+    save(7)
+    save(4)
+    prune_checkpoints(tmp_path, keep_last=1, up_to=4)  # a run at step 4 prunes its own past only
+    assert list_checkpoints(tmp_path) == [checkpoint_path(tmp_path, 4), checkpoint_path(tmp_path, 7)]
 
 
 def test_pretrain_20_steps_on_shards(reference, shards):
@@ -134,34 +162,97 @@ def test_pretrain_20_steps_on_shards(reference, shards):
     assert pretrain(small_config(out, shards, resume="auto")).step == STEPS
 
 
-KILL_DURING_SAVE = """
-import os, signal, sys, torch
+def test_fresh_run_refuses_a_used_folder(reference, shards, capsys):
+    out, _ = reference
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    options = ["pretrain", "--model", "mae_vit_test", "--data", str(shards), "--no-progress", "--out", str(out)]
+    assert cli.main(options) == 1
+    assert capsys.readouterr().err == (
+        f"error: {out} already holds checkpoints of a run: pass --resume auto to continue it or choose a new --out\n"
+    )
+    # going on from an earlier checkpoint in the same folder would leave the later ones for --resume auto to pick
+    assert cli.main([*options, "--resume", str(checkpoint_path(out, 16))]) == 1
+    assert "holds checkpoints after step 16" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+
+
+def test_warmup_must_end_before_the_last_epoch(shards, tmp_path):
+    with pytest.raises(ValueError, match="--warmup-epochs 3 must be at least 0 and below --epochs 3"):
+        pretrain(small_config(tmp_path / "run", shards, warmup_epochs=3))
+    assert not (tmp_path / "run").exists()
+
+
+class ShortLoader:
+    """A loader whose epochs end after ``yields`` of the ``length`` batches its ``len()`` promises."""
+
+    def __init__(self, length: int, yields: int):
+        self.length, self.yields = length, yields
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter([(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))] * self.yields)
+
+
+def test_short_epoch_is_a_data_error():
+    batches = update_batches(ShortLoader(8, 5), start=4, total=8, updates_per_epoch=4, accum_steps=2, seed=0, rank=0)
+    with pytest.raises(DataError, match="^epoch 1: the data loader stopped before batch 6 of the 8 that len"):
+        list(batches)
+
+
+# the run is killed with SIGKILL from inside: the whole process group (the main process and its loader workers)
+KILL_HOOKS = {
+    "during-save": """
 save = torch.save
 def save_then_die(obj, f):
     save(obj, f)  # the temp file is written, the rename has not happened
     if obj["step"] == {kill_step}:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(0, signal.SIGKILL)
 torch.save = save_then_die
+""",
+    "mid-update": """
+optimizer_step, calls = torch.amp.GradScaler.step, []
+def die_before_optimizer_step(self, optimizer, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == {kill_step}:  # update {kill_step}: backward done, the weights not yet changed
+        os.killpg(0, signal.SIGKILL)
+    return optimizer_step(self, optimizer, *args, **kwargs)
+torch.amp.GradScaler.step = die_before_optimizer_step
+""",
+}
+KILLED_RUN = """
+import os, signal, sys, torch
+{hook}
 from mae_timm.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_resume_after_kill9_reproduces_losses(reference, shards, tmp_path):
-    _, expected = reference
+@pytest.mark.parametrize(
+    "hook, kill_step, num_workers, last_logged",
+    [("during-save", 15, 0, 15), pytest.param("mid-update", 13, 2, 12, marks=pytest.mark.slow)],
+)
+def test_resume_after_kill9_reproduces_losses(hook, kill_step, num_workers, last_logged, shards, tmp_path, request):
+    _, expected = request.getfixturevalue("reference_two_workers" if num_workers else "reference")
     out = tmp_path / "run"
-    cfg = small_config(out, shards)
+    cfg = small_config(out, shards, num_workers=num_workers)
     options = ["pretrain", "--model", cfg.model, "--data", cfg.data, "--batch-size", "4", "--epochs", "3",
-               "--warmup-epochs", "1", "--max-steps", str(STEPS), "--blr", "0.128", "--num-workers", "0",
+               "--warmup-epochs", "1", "--max-steps", str(STEPS), "--blr", "0.128", "--num-workers", str(num_workers),
                "--save-every-steps", "5", "--keep-last", "2", "--viz-every-epochs", "0", "--no-tensorboard",
                "--no-progress", "--out", str(out)]
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE.format(kill_step=15), *options],
-                            env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+    script = KILLED_RUN.format(hook=KILL_HOOKS[hook].format(kill_step=kill_step))
+    killed = subprocess.run([sys.executable, "-c", script, *options], env=ONE_THREAD_ENV, capture_output=True,
+                            text=True, timeout=300, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert max(read_losses(out)) == 15 and list(out.glob("*.part"))  # killed while writing checkpoint 15
+    assert max(read_losses(out)) == last_logged
+    assert bool(list(out.glob("*.part"))) == (hook == "during-save")  # killed while writing checkpoint 15
     assert find_latest_checkpoint(out)[1]["step"] == 10
 
-    result = pretrain(small_config(out, shards, resume="auto"))
+    result = pretrain(dataclasses.replace(cfg, resume="auto"))
     assert result.step == STEPS and not list(out.glob("*.part"))
     assert read_losses(out) == expected  # steps 1-10 from the killed run, 11-20 recomputed: bit-identical
 
@@ -233,22 +324,55 @@ def test_other_models_synthetic(model, overrides, tmp_path):
     else:
         assert {"loss.png", "reconstruction-epoch0001.png"} <= {p.name for p in tmp_path.iterdir()}
         assert "grad_norm" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-        assert any((tmp_path / "tb").iterdir())
+        if tensorboard_installed():
+            assert any((tmp_path / "tb").iterdir())
+        else:  # optional: without it the run writes metrics.jsonl only
+            assert not (tmp_path / "tb").exists()
+
+
+# two runs in one process group: 2 updates, then --resume auto to the end; each rank saves its final weights
+DDP_RUN_THEN_RESUME = """
+import sys
+import torch
+import torch.distributed as dist
+import mae_timm.engine.pretrain as pretrain_module
+from mae_timm.engine.config import PretrainConfig
+
+trainers = []
+build_trainer = pretrain_module._build_trainer
+def keep_trainer(*args, **kwargs):
+    trainers.append(build_trainer(*args, **kwargs))
+    return trainers[-1]
+pretrain_module._build_trainer = keep_trainer
+pretrain_module.cleanup_distributed = lambda: None  # keep the process group for the second run
+shards, out = sys.argv[1:]
+settings = dict(model="mae_vit_test", data=shards, batch_size=4, epochs=1, warmup_epochs=0, num_workers=1,
+                tensorboard=False, progress=False, viz_every_epochs=0, out=out)
+pretrain_module.pretrain(PretrainConfig(**settings, max_steps=2))
+pretrain_module.pretrain(PretrainConfig(**settings, resume="auto"))
+torch.save(trainers[-1].model.state_dict(), f"{out}/rank{dist.get_rank()}-weights.pt")
+dist.destroy_process_group()
+"""
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(shards, tmp_path):
+def test_ddp_two_processes_gloo_resume_in_sync(shards, tmp_path):
+    script, out = tmp_path / "ddp_run.py", tmp_path / "run"
+    script.write_text(DDP_RUN_THEN_RESUME)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "mae_timm.cli", "pretrain", "--model", "mae_vit_test", "--data", str(shards),
-               "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "1",
-               "--no-tensorboard", "--no-progress", "--viz-every-epochs", "0", "--out", str(tmp_path)]
+               str(script), str(shards), str(out)]
     done = subprocess.run(command, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert f"resumed from {checkpoint_path(out, 2)} at step 2" in done.stdout
+    ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4  # 32 images / (2 ranks x 4) = 4 updates
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]  # rank 0 alone writes
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # rank 0 alone writes; the resumed run appends
     assert records[0]["lr"] == pytest.approx(1.5e-4 * 8 / 256)  # global batch 2 x 4
+    # both ranks resumed from the same checkpoint and stayed in step: equal weights, bit for bit
+    rank0, rank1 = (torch.load(out / f"rank{r}-weights.pt", weights_only=True) for r in (0, 1))
+    assert ckpt["model"].keys() == rank0.keys() == rank1.keys()
+    assert all(torch.equal(ckpt["model"][k], rank0[k]) and torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
 def test_help(capsys):

@@ -15,7 +15,7 @@ from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.epilog = (
         "examples: mae-timm pretrain --config configs/tiny_imagenet_tiny_late.yaml --data shards/ ; "
-        "mae-timm pretrain --model mae_vit_test --synthetic --epochs 1 --out runs/smoke ; "
+        "mae-timm pretrain --model mae_vit_test --synthetic --epochs 1 --warmup-epochs 0 --out runs/smoke ; "
         "add --resume auto to continue a killed run"
     )
     add_config_arguments(parser, PretrainConfig)

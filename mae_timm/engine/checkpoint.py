@@ -39,13 +39,14 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-{step:07d}.pt"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Numbered checkpoints in ``run_dir``, oldest first (half-written ``.part`` files are not listed)."""
+def list_checkpoints(run_dir: str | Path, up_to: int | None = None) -> list[Path]:
+    """Numbered checkpoints in ``run_dir`` (those of step <= ``up_to`` if given), oldest first; half-written
+    ``.part`` files are not listed."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return [p for step, p in sorted(found) if up_to is None or step <= up_to]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -106,9 +107,13 @@ def find_latest_checkpoint(run_dir: str | Path, map_location="cpu") -> tuple[Pat
     return None
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` numbered checkpoints (0 keeps all)."""
-    for path in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+def prune_checkpoints(run_dir: str | Path, keep_last: int, up_to: int | None = None) -> None:
+    """Delete all but the newest ``keep_last`` numbered checkpoints (0 keeps all).
+
+    With ``up_to`` (the running step) only checkpoints of steps <= ``up_to`` are considered: files numbered
+    higher are not this run's past, and deleting them is not this run's call.
+    """
+    for path in list_checkpoints(run_dir, up_to)[:-keep_last] if keep_last > 0 else []:
         path.unlink(missing_ok=True)
 
 

@@ -44,7 +44,7 @@ class PretrainConfig:
     batch_size: int = 256  # images per rank per micro-step (global batch = batch_size * accum_steps * world size)
     accum_steps: int = 1  # micro-steps per optimizer update (gradient accumulation)
     epochs: int = 100  # length of the cosine schedule
-    warmup_epochs: int = 5  # linear warmup from 0 (MAE: 40 of 800 epochs; scaled down for short schedules)
+    warmup_epochs: int = 5  # linear warmup from 0, below `epochs` (MAE: 40 of 800; scaled down for short schedules)
     max_steps: int = 0  # stop after this many updates (0: run all epochs); the schedule still spans `epochs`
     blr: float = 1.5e-4  # MAE base lr: lr = blr * global batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
@@ -61,7 +61,9 @@ class PretrainConfig:
 
     # output
     out: str = "runs/pretrain"  # run folder: checkpoints, metrics.jsonl, figures, TensorBoard events
-    resume: str | None = None  # "auto": newest valid checkpoint in `out` (start fresh if none); or a checkpoint path
+    # None: a fresh run (stops if `out` holds checkpoints); "auto": the newest valid checkpoint in `out`, fresh if
+    # none; or a checkpoint path
+    resume: str | None = None
     save_every_steps: int = 1000  # checkpoint every N updates (0: only at epoch ends)
     save_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (the last epoch always)
     keep_last: int = 3  # numbered checkpoints kept on disk (last.pt links the newest)

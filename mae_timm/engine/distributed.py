@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "cleanup_distributed", "init_distributed", "resolve_device"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "cleanup_distributed",
+    "init_distributed",
+    "resolve_device",
+]
 
 
 @dataclass(frozen=True)
@@ -78,3 +86,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (any picklable value) on every process; ``obj`` itself in a single process.
+
+    A collective: every rank waits here until ``src`` arrives, so whatever ``src`` did before it is done.
+    """
+    if dist.is_initialized():
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+    return obj

@@ -29,17 +29,18 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 from mae_timm import __version__
-from mae_timm.data import GpuAugment, create_loader, read_info
+from mae_timm.data import DataError, GpuAugment, create_loader, read_info
+from mae_timm.data.synthetic import SyntheticImages
 from mae_timm.engine.checkpoint import (
     capture_rng_state,
     checkpoint_path,
     find_latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     remove_partial_files,
@@ -47,9 +48,15 @@ from mae_timm.engine.checkpoint import (
     save_checkpoint,
 )
 from mae_timm.engine.config import PretrainConfig, save_config
-from mae_timm.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
+from mae_timm.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+)
 
-__all__ = ["NonFiniteLossError", "PretrainResult", "SyntheticImages", "build_model", "pretrain", "update_batches"]
+__all__ = ["NonFiniteLossError", "PretrainResult", "build_model", "pretrain", "update_batches"]
 
 _PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _STEP_STREAM, _EPOCH_STREAM = 0, 1  # tags that keep per-update and per-epoch seeds apart
@@ -79,39 +86,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class SyntheticImages:
-    """Random smooth uint8 images, batch ``i`` of epoch ``e`` derived from ``(seed, rank, e, i)``.
-
-    Each image is a 4x4 grid of random colours upsampled bilinearly, so a masked model can learn something
-    (a pure-noise target cannot be predicted). Random access: resuming mid-epoch skips nothing.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, img_size: int, seed: int = 0, rank: int = 0):
-        self.batch_size, self.img_size, self.seed, self.rank = batch_size, img_size, seed, rank
-        self.num_batches = num_samples // batch_size
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> images uint8 (N, 3, H, W), labels int64 (N,) (all 0: synthetic images have no class)."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.epoch, index))
-        colours = torch.rand(self.batch_size, 3, 4, 4, generator=generator)  # (N, 3, 4, 4)
-        size = (self.img_size, self.img_size)
-        imgs = F.interpolate(colours, size=size, mode="bilinear", align_corners=False)  # (N, 3, H, W)
-        return (imgs * 255).round().to(torch.uint8), torch.zeros(self.batch_size, dtype=torch.int64)
-
-    def iter_from(self, start: int):
-        return (self.batch(i) for i in range(start, self.num_batches))
-
-    def __iter__(self):
-        return self.iter_from(0)
 
 
 def epoch_batches(loader, epoch: int, skip: int):
@@ -256,8 +230,17 @@ def _save_figures(cfg: PretrainConfig, run_dir: Path, model: nn.Module, viz_imag
         model.train()
 
 
-def _resume_checkpoint(cfg: PretrainConfig, run_dir: Path) -> tuple[Path, dict] | None:
+def _choose_resume(cfg: PretrainConfig, run_dir: Path) -> tuple[Path, dict] | None:
+    """Rank 0's reading of ``--resume`` and the run folder -> (checkpoint path, its content) or None (fresh run).
+
+    A fresh run refuses a folder that holds checkpoints: it would cut their metrics, and ``--resume auto`` would
+    later pick the old run's newer checkpoints over its own.
+    """
     if cfg.resume is None:
+        if list_checkpoints(run_dir):
+            raise ValueError(
+                f"{run_dir} already holds checkpoints of a run: pass --resume auto to continue it or choose a new --out"
+            )
         return None
     if cfg.resume == "auto":
         found = find_latest_checkpoint(run_dir)
@@ -267,6 +250,34 @@ def _resume_checkpoint(cfg: PretrainConfig, run_dir: Path) -> tuple[Path, dict] 
     path = Path(cfg.resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint file")
+    ckpt = load_checkpoint(path)
+    up_to_step = list_checkpoints(run_dir, ckpt["step"])
+    later = [p.name for p in list_checkpoints(run_dir) if p not in up_to_step]
+    if later:
+        raise ValueError(
+            f"{run_dir} holds checkpoints after step {ckpt['step']} of {path} ({', '.join(later)}): "
+            "choose a new --out to continue from this checkpoint"
+        )
+    return path, ckpt
+
+
+def _agree_on_resume(cfg: PretrainConfig, info: DistInfo, run_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint every rank resumes from: rank 0 chooses, the others load the file it names.
+
+    Ranks choosing on their own could see different files (a checkpoint being written or tidied away), and
+    then start from different steps. An error on rank 0 is raised on every rank.
+    """
+    chosen = error = None
+    if info.is_main:
+        try:
+            chosen = _choose_resume(cfg, run_dir)
+        except (ValueError, OSError) as e:
+            error = e
+    path, error = broadcast_object((chosen[0] if chosen else None, error))
+    if error is not None:
+        raise error
+    if path is None or info.is_main:
+        return chosen
     return path, load_checkpoint(path)
 
 
@@ -275,6 +286,7 @@ def update_batches(loader, start: int, total: int, updates_per_epoch: int, accum
 
     Epoch ``e`` reads the loader's ``(seed, e)`` order; starting mid-epoch skips the batches already consumed. The
     global generators are seeded per epoch first, because a loader may draw worker seeds from them when it starts.
+    Raises DataError when an epoch holds fewer batches than ``len(loader)``.
     """
     step = start
     while step < total:
@@ -283,7 +295,14 @@ def update_batches(loader, start: int, total: int, updates_per_epoch: int, accum
         batches = epoch_batches(loader, epoch, done * accum_steps)
         end = min(total, (epoch + 1) * updates_per_epoch)
         for update in range(step, end):
-            yield update, [next(batches)[0] for _ in range(accum_steps)]
+            micro_batches = [imgs for imgs, _ in itertools.islice(batches, accum_steps)]
+            if len(micro_batches) < accum_steps:
+                wanted = (update - epoch * updates_per_epoch) * accum_steps + len(micro_batches) + 1
+                raise DataError(
+                    f"epoch {epoch}: the data loader stopped before batch {wanted} of the {len(loader)} that "
+                    "len(loader) promises; every rank needs len(loader) batches per epoch"
+                )
+            yield update, micro_batches
         step = end
 
 
@@ -391,8 +410,6 @@ def _build_trainer(cfg: PretrainConfig, info: DistInfo, loader_len: int, model: 
             f"an epoch has {loader_len} batches per rank, fewer than --accum-steps {cfg.accum_steps}; "
             "lower --batch-size or --accum-steps"
         )
-    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        raise ValueError(f"--warmup-epochs {cfg.warmup_epochs} must lie between 0 and --epochs {cfg.epochs}")
     global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
     # timm's factory: no weight decay on 1-d params (biases, norms) and on model.no_weight_decay() (pos tables, tokens)
@@ -420,6 +437,93 @@ def _build_trainer(cfg: PretrainConfig, info: DistInfo, loader_len: int, model: 
     )
 
 
+def _check_settings(cfg: PretrainConfig) -> None:
+    """Settings that cannot work, reported in one line before any work."""
+    if not 0 <= cfg.warmup_epochs < cfg.epochs:
+        raise ValueError(
+            f"--warmup-epochs {cfg.warmup_epochs} must be at least 0 and below --epochs {cfg.epochs}: "
+            "the cosine decay after the warmup needs at least one epoch"
+        )
+
+
+def _viz_images(cfg: PretrainConfig, info: DistInfo, model: nn.Module, img_size: int) -> torch.Tensor | None:
+    """The fixed normalised batch of 8 of the reconstruction figures; None when figures are off or the model
+    predicts no pixels."""
+    if not (cfg.viz_every_epochs and _takes_mask_ratio(model)):
+        return None
+    loader = _create_loader(cfg, info, img_size, split=_viz_split(cfg), train=False, batch_size=8)
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    normalize = GpuAugment(mean, std, img_size=img_size).to(info.device)
+    return normalize(next(iter(loader))[0].to(info.device))
+
+
+class _RunOutput:
+    """Rank 0's side of a run: the run folder, ``config.yaml``, metrics and progress bar, and after each update the
+    checkpoint and figures that are due."""
+
+    def __init__(self, cfg: PretrainConfig, trainer: _Trainer, run_dir: Path, start_step: int, total_steps: int,
+                 last_checkpoint: Path | None, viz_images: torch.Tensor | None):
+        self.cfg, self.trainer, self.run_dir, self.total_steps = cfg, trainer, run_dir, total_steps
+        self.last_checkpoint, self.viz_images = last_checkpoint, viz_images
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        self.metrics = MetricsLog(run_dir, start_step, cfg.tensorboard)
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(
+            total=total_steps, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True
+        )
+
+    def after_update(self, step: int, loss: float, imgs_per_s: float, grad_norm: float | None, extras: dict,
+                     stop_requested: bool) -> None:
+        """Record update number ``step`` (counted from 1) and write the checkpoint and figures due after it."""
+        cfg, updates_per_epoch = self.cfg, self.trainer.updates_per_epoch
+        lr = self.trainer.optimizer.param_groups[0]["lr"]
+        record = dict(step=step, epoch=step / updates_per_epoch, loss=loss, lr=lr, img_per_s=imgs_per_s)
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self.metrics.log(dict(record, **extras))
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{imgs_per_s:.0f}", refresh=False)
+
+        epochs_done, into_epoch = divmod(step, updates_per_epoch)
+        epoch_end, finished = into_epoch == 0, step == self.total_steps
+        epoch_checkpoint = epoch_end and epochs_done % max(cfg.save_every_epochs, 1) == 0
+        step_checkpoint = cfg.save_every_steps and step % cfg.save_every_steps == 0
+        if epoch_checkpoint or step_checkpoint or finished or stop_requested:
+            self.last_checkpoint = save_checkpoint(self.trainer.state(step), checkpoint_path(self.run_dir, step))
+            prune_checkpoints(self.run_dir, cfg.keep_last, up_to=step)
+        figures_due = epoch_end and cfg.viz_every_epochs and epochs_done % cfg.viz_every_epochs == 0
+        if self.viz_images is not None and (figures_due or finished):
+            _save_figures(cfg, self.run_dir, self.trainer.model, self.viz_images, epochs_done + (not epoch_end))
+
+    def close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+
+
+def _run_updates(cfg: PretrainConfig, info: DistInfo, trainer: _Trainer, batches, start: int,
+                 output: _RunOutput | None, stop: StopRequest) -> tuple[int, float | None, bool]:
+    """Run the updates ``batches`` yields, ``start`` being done -> (updates done, last loss, stopped by a signal)."""
+    global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+    done, loss, last_time = start, None, time.perf_counter()
+    # the batches are fetched before the reseed: whatever the loader draws from the global generators
+    # (a DataLoader starting lazily, mid-epoch on resume) cannot shift this update's masks and crops
+    for update, micro_batches in batches:
+        seed_everything(derive_seed(cfg.seed, info.rank, _STEP_STREAM, update))
+        loss, stop_requested, grad_norm, extras = trainer.update(micro_batches, update, stop.requested)
+        done = update + 1
+        # wall time between updates: the loss .item() in update() waits for the device once per update
+        now = time.perf_counter()
+        imgs_per_s, last_time = global_batch / (now - last_time), now
+        if output is not None:
+            output.after_update(done, loss, imgs_per_s, grad_norm, extras, stop_requested)
+        if stop_requested:
+            return done, loss, True
+    return done, loss, False
+
+
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) pretraining as configured; joins the torchrun process group when there is one."""
     info = init_distributed(cfg.device)
@@ -430,106 +534,61 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
 
 def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
-    device, run_dir = info.device, Path(cfg.out)
+    _check_settings(cfg)
+    run_dir = Path(cfg.out)
+    resumed = _agree_on_resume(cfg, info, run_dir)  # a used --out stops the run here, before any work
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model, model_kwargs = build_model(cfg)
-    model.to(device).train()
+    model.to(info.device).train()
     img_size = _image_size(cfg, model)
-    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     augment = GpuAugment(  # uint8 -> RandomResizedCrop + flip -> normalised float, on the device
-        mean, std, img_size=img_size, random_crop=True, scale=(cfg.crop_scale_min, 1.0), hflip=0.5 * cfg.hflip
-    ).to(device)
+        model.pretrained_cfg["mean"], model.pretrained_cfg["std"], img_size=img_size, random_crop=True,
+        scale=(cfg.crop_scale_min, 1.0), hflip=0.5 * cfg.hflip,
+    ).to(info.device)
     loader = _create_loader(cfg, info, img_size, split=cfg.split, train=True, batch_size=cfg.batch_size)
     trainer = _build_trainer(cfg, info, len(loader), model, model_kwargs, augment)
-    updates_per_epoch = trainer.updates_per_epoch
-    global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
-    total_steps = cfg.epochs * updates_per_epoch
+    total_steps = cfg.epochs * trainer.updates_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    step, last_checkpoint = 0, None
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(run_dir)
-    resumed = _resume_checkpoint(cfg, run_dir)
+    step, last_checkpoint, output = 0, None, None
     if resumed is not None:
         last_checkpoint, ckpt = resumed
         step = trainer.load_state(ckpt, last_checkpoint)
-        if info.is_main:
-            print(f"resumed from {last_checkpoint} at step {step}")
-
-    metrics = progress = viz_images = None
     if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        metrics = MetricsLog(run_dir, step, cfg.tensorboard)
-        lr = trainer.optimizer.param_groups[0]["initial_lr"]
+        if resumed is not None:
+            print(f"resumed from {last_checkpoint} at step {step}")
         print(
-            f"pretraining {cfg.model} on {info.world_size} x {device}, global batch {global_batch}, lr {lr:.3g}, "
-            f"{updates_per_epoch} updates/epoch, {total_steps} updates; run folder {run_dir}"
+            f"pretraining {cfg.model} on {info.world_size} x {info.device}, "
+            f"global batch {cfg.batch_size * cfg.accum_steps * info.world_size}, "
+            f"lr {trainer.optimizer.param_groups[0]['initial_lr']:.3g}, {trainer.updates_per_epoch} updates/epoch, "
+            f"{total_steps} updates; run folder {run_dir}"
         )
-        from tqdm.auto import tqdm
+        viz_images = _viz_images(cfg, info, model, img_size)
+        output = _RunOutput(cfg, trainer, run_dir, step, total_steps, last_checkpoint, viz_images)
 
-        progress = tqdm(total=total_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-        if cfg.viz_every_epochs and _takes_mask_ratio(model):
-            viz_loader = _create_loader(cfg, info, img_size, split=_viz_split(cfg), train=False, batch_size=8)
-            normalize = GpuAugment(mean, std, img_size=img_size).to(device)
-            viz_images = normalize(next(iter(viz_loader))[0].to(device))
-
-    loss_value, interrupted, last_time = None, False, time.perf_counter()
-    batches = update_batches(loader, step, total_steps, updates_per_epoch, cfg.accum_steps, cfg.seed, info.rank)
+    batches = update_batches(loader, step, total_steps, trainer.updates_per_epoch, cfg.accum_steps, cfg.seed,
+                             info.rank)
     with StopRequest() as stop:
         try:
-            # the batches are fetched before the reseed: whatever the loader draws from the global generators
-            # (a DataLoader starting lazily, mid-epoch on resume) cannot shift this update's masks and crops
-            for step, micro_batches in batches:
-                seed_everything(derive_seed(cfg.seed, info.rank, _STEP_STREAM, step))
-                try:
-                    loss_value, stop_requested, grad_norm, extras = trainer.update(
-                        micro_batches, step, stop.requested
-                    )
-                except NonFiniteLossError as e:
-                    raise NonFiniteLossError(
-                        f"{e}; stopped without saving, last good checkpoint: {last_checkpoint or 'none'} "
-                        "(try a lower --blr, --clip-grad or --precision fp32)"
-                    ) from None
-                step += 1
-                # wall time between updates: the loss .item() in update() waits for the device once per update
-                now = time.perf_counter()
-                imgs_per_s, last_time = global_batch / (now - last_time), now
-                epochs_done, into_epoch = divmod(step, updates_per_epoch)
-                finished = step == total_steps
-                if info.is_main:
-                    record = dict(step=step, epoch=step / updates_per_epoch, loss=loss_value,
-                                  lr=trainer.optimizer.param_groups[0]["lr"], img_per_s=imgs_per_s)
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
-                    record.update(extras)
-                    metrics.log(record)
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
-                                         img_s=f"{imgs_per_s:.0f}", refresh=False)
-                    epoch_checkpoint = into_epoch == 0 and epochs_done % max(cfg.save_every_epochs, 1) == 0
-                    step_checkpoint = cfg.save_every_steps and step % cfg.save_every_steps == 0
-                    if step_checkpoint or epoch_checkpoint or finished or stop_requested:
-                        last_checkpoint = save_checkpoint(trainer.state(step), checkpoint_path(run_dir, step))
-                        prune_checkpoints(run_dir, cfg.keep_last)
-                    figures_due = into_epoch == 0 and cfg.viz_every_epochs and epochs_done % cfg.viz_every_epochs == 0
-                    if viz_images is not None and (figures_due or finished):
-                        _save_figures(cfg, run_dir, model, viz_images, epochs_done + (into_epoch > 0))
-                if stop_requested:
-                    interrupted = True
-                    break
+            step, loss, interrupted = _run_updates(cfg, info, trainer, batches, step, output, stop)
+        except NonFiniteLossError as e:
+            good = output.last_checkpoint if output is not None else last_checkpoint
+            raise NonFiniteLossError(
+                f"{e}; stopped without saving, last good checkpoint: {good or 'none'} "
+                "(try a lower --blr, --clip-grad or --precision fp32)"
+            ) from None
         finally:
-            if info.is_main:
-                progress.close()
-                metrics.close()
-    if info.is_main:
+            if output is not None:
+                output.close()
+    if output is not None:
+        last_checkpoint = output.last_checkpoint
         if interrupted:
             print(f"stopped by signal {stop.signum} at step {step}, saved {last_checkpoint}; go on with --resume auto")
         else:
-            last = "none" if loss_value is None else f"{loss_value:.4f}"
+            last = "none" if loss is None else f"{loss:.4f}"
             print(f"done: {step} of {total_steps} updates, last loss {last}, checkpoint {last_checkpoint}")
-    return PretrainResult(step=step, loss=loss_value, checkpoint=last_checkpoint, interrupted=interrupted)
+    return PretrainResult(step=step, loss=loss, checkpoint=last_checkpoint, interrupted=interrupted)
 
 
 def _viz_split(cfg: PretrainConfig) -> str:
