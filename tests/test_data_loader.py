@@ -12,8 +12,18 @@ import torch
 from fakes import make_shards, make_tiny_imagenet_zip
 from hypothesis import given
 from hypothesis import strategies as st
+from webdataset import TarWriter
 
-from mae_timm.data import DataError, create_loader, read_info, shards_for_reader, tiny_imagenet, write_source
+from mae_timm.data import (
+    DataError,
+    Sample,
+    create_loader,
+    read_info,
+    shards_for_reader,
+    tiny_imagenet,
+    write_shards,
+    write_source,
+)
 from mae_timm.data.loader import DamagedShard, center_crop_box, decode_sample, random_resized_crop_box, tar_members
 
 
@@ -25,7 +35,8 @@ def fake(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_shards(fake, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    write_source(out, tiny_imagenet(fake.path, ("train", "validation"), progress=False), min_shards=4, progress=False)
+    data = tiny_imagenet(fake.path, ("train", "validation"), md5="none", progress=False)
+    write_source(out, data, min_shards=4, progress=False)
     return out
 
 
@@ -73,6 +84,42 @@ def test_ranks_of_an_eval_split_cover_it(shards):
     labels = [collect(create_loader(shards, "train", 5, train=False, img_size=32, num_workers=0, rank=rank,
                                     world_size=2))[1] for rank in range(2)]
     assert sum(len(x) for x in labels) == 64 and torch.cat(labels).bincount().tolist() == [16] * 4
+
+
+@pytest.fixture(scope="module")
+def unique_shards(tmp_path_factory):
+    """64 train samples in 8 shards of 8, each sample its own class: a label names its sample."""
+    return make_shards(tmp_path_factory.mktemp("unique"), num_classes=64, per_class=1, img_size=16,
+                       num_val_per_class=1, min_shards=8)
+
+
+def test_loader_ranks_and_workers_read_disjoint_covering_passes(unique_shards):
+    # 64 // (2 ranks x 6) = 5 batches per rank -> 3 per worker = 18 samples, 2 more than a worker's pass (2 shards)
+    first_passes, counts = [], []
+    for rank in range(2):
+        loader = create_loader(unique_shards, "train", 6, train=True, img_size=16, num_workers=2, rank=rank,
+                               world_size=2, crop_on_device=True)
+        batches = [labels for _, labels in loader]
+        counts.append((len(loader), len(batches)))
+        for worker in range(2):  # the DataLoader takes batches from its workers in turn
+            first_passes.append(torch.cat(batches[worker::2])[:16].tolist())
+    assert counts == [(6, 6), (6, 6)]
+    assert sorted(sum(first_passes, [])) == list(range(64))  # each sample once across the readers' first passes
+
+
+def test_epoch_fills_its_batches_across_passes(shards):
+    loader = create_loader(shards, "train", 40, train=True, img_size=16, num_workers=2)  # 32 samples a pass
+    assert len(loader) == 2 and len(list(loader)) == 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pass_without_a_decodable_image_raises(tmp_path, num_workers):
+    samples = [Sample(key=f"s{i}", image=b"not an image", cls=0) for i in range(8)]
+    write_shards(tmp_path, {"train": samples}, ["a"], min_shards=2, progress=False)
+    loader = create_loader(tmp_path, "train", 2, train=True, img_size=16, num_workers=num_workers)
+    with pytest.raises(DataError, match="no image decoded") as raised:
+        list(loader)
+    assert "\n" not in str(raised.value)
 
 
 @pytest.mark.slow
@@ -186,9 +233,9 @@ def test_tar_members_match_stdlib(shard_path):
     assert list(tar_members(shard_bytes)) == stdlib_members(shard_bytes)
 
 
-@given(cut=st.integers(0, 10_000))
-def test_tar_members_of_truncated_shard_are_a_prefix(shard_path, cut):
-    shard_bytes = shard_path.read_bytes()
+@given(cut=st.integers(0, 10_000), pax=st.booleans())
+def test_tar_members_of_truncated_shard_are_a_prefix(shard_path, pax_shard, cut, pax):
+    shard_bytes = pax_shard if pax else shard_path.read_bytes()
     members = []
     with pytest.raises(DamagedShard):
         for member in tar_members(shard_bytes[:cut]):
@@ -209,3 +256,25 @@ def test_tar_members_detects_bad_header_and_reads_long_names(shard_path):
         info.size = 1
         tar.addfile(info, io.BytesIO(b"7"))
     assert list(tar_members(buffer.getvalue())) == [("d" * 120 + "/key.cls", b"7")]
+
+
+@pytest.fixture(scope="module")
+def pax_shard():
+    """A shard whose third and fifth samples have pax headers (webdataset's writer: non-ASCII, > 100-byte names)."""
+    buffer = io.BytesIO()
+    with TarWriter(buffer, encoder=False, mtime=0) as sink:
+        for key in ("a0", "a1", "café2", "a3", "b" * 120 + "4", "a5"):
+            sink.write({"__key__": key, "cls": key.encode(), "png": b"x" * 600})
+    return buffer.getvalue()
+
+
+def test_tar_members_reads_pax_and_gnu_long_names_mid_shard(pax_shard):
+    assert list(tar_members(pax_shard)) == stdlib_members(pax_shard)
+    assert len(stdlib_members(pax_shard)) == 12
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in ("a0.cls", "d" * 120 + ".cls", "a2.cls"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(name[:3].encode()))
+    assert list(tar_members(buffer.getvalue())) == stdlib_members(buffer.getvalue())

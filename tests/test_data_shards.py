@@ -13,7 +13,17 @@ from fakes import make_tiny_imagenet_zip
 from PIL import Image
 
 from mae_timm.cli import main
-from mae_timm.data import DataError, Sample, imagefolder, read_info, tiny_imagenet, write_shards, write_source
+from mae_timm.data import (
+    TINY_IMAGENET_MD5,
+    DataError,
+    Sample,
+    file_digest,
+    imagefolder,
+    read_info,
+    tiny_imagenet,
+    write_shards,
+    write_source,
+)
 from mae_timm.data.shards import plan_shards, shard_keys
 
 
@@ -37,7 +47,8 @@ def fake(tmp_path_factory):
 def shard_dir(fake, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     code = main(["shards", "tiny-imagenet", "--src", fake.path.as_uri(), "--out", str(out), "--splits",
-                 "train,validation,test", "--min-shards", "4", "--download-dir", str(out.parent / "dl"), "--quiet"])
+                 "train,validation,test", "--min-shards", "4", "--download-dir", str(out.parent / "dl"), "--quiet",
+                 "--md5", file_digest(fake.path, "md5")])
     assert code == 0
     return out
 
@@ -87,7 +98,7 @@ def test_timm_wds_reader(fake, shard_dir):
 def test_rerun_keeps_complete_shards(fake, shard_dir):
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in shard_dir.glob("*.tar")}
     info_before = read_info(shard_dir)
-    data = tiny_imagenet(fake.path, ("train",), progress=False)
+    data = tiny_imagenet(fake.path, ("train",), md5="none", progress=False)
     write_source(shard_dir, data, min_shards=4, progress=False)
     assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in shard_dir.glob("*.tar")} == before
     assert read_info(shard_dir)["splits"] == info_before["splits"]  # splits not rewritten are kept
@@ -142,7 +153,7 @@ def test_missing_layout_file_is_named(fake, tmp_path):
             if not item.filename.endswith("val_annotations.txt"):
                 dst.writestr(item, src.read(item))
     with pytest.raises(DataError, match="tiny-imagenet-200/val/val_annotations.txt"):
-        tiny_imagenet(broken, ("validation",), progress=False)
+        tiny_imagenet(broken, ("validation",), md5="none", progress=False)
     with pytest.raises(DataError, match="wnids.txt"):
         tiny_imagenet(tmp_path, progress=False)
 
@@ -153,6 +164,24 @@ def test_md5_mismatch_fails_and_keeps_part(fake, tmp_path, capsys):
     error = capsys.readouterr().err
     assert code == 2 and "expected 00000000" in error and error.count("\n") == 1
     assert [p.name for p in (tmp_path / "dl").iterdir()] == ["tiny-imagenet-200.zip.part"]
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_official_file_name_checks_official_md5(fake, tmp_path, capsys, as_url):
+    src = fake.path.as_uri() if as_url else str(fake.path)  # named tiny-imagenet-200.zip, but a fake
+    args = ["shards", "tiny-imagenet", "--src", src, "--splits", "validation", "--min-shards", "1", "--quiet",
+            "--download-dir", str(tmp_path / "dl")]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert f"expected {TINY_IMAGENET_MD5}" in error and "--md5 none" in error and error.count("\n") == 1
+    assert main(args + ["--out", str(tmp_path / "b"), "--md5", "none"]) == 0
+    assert main(args + ["--out", str(tmp_path / "c"), "--md5", file_digest(fake.path, "md5")]) == 0
+
+
+def test_file_digest(tmp_path):
+    (tmp_path / "f").write_bytes(b"abc")
+    assert file_digest(tmp_path / "f", "md5") == "900150983cd24fb0d6963f7d28e17f72"
+    assert file_digest(tmp_path / "f", "sha256").startswith("ba7816bf8f01cfea")
 
 
 def test_imagefolder_source(tmp_path):

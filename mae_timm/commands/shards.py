@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", required=True, help="shard directory (created; shards already complete are kept)")
     parser.add_argument("--splits", help="comma-separated splits (train, validation, test); default: "
                         "train,validation (imagefolder: the split folders present)")
-    parser.add_argument("--md5", help="expected md5 of the downloaded/given zip (the official URL is always checked)")
+    parser.add_argument("--md5", help="expected md5 of the downloaded/given zip; 'none' skips the check (default: "
+                        "the official md5 when the file is named tiny-imagenet-200.zip, else no check)")
     parser.add_argument("--download-dir", default="~/.cache/mae_timm", help="where a URL source is downloaded")
     parser.add_argument("--shard-size", type=int, default=5000, help="most samples per shard")
     parser.add_argument("--min-shards", type=int, default=16, help="fewest shards per split (for workers x ranks)")

@@ -29,16 +29,16 @@ from webdataset import TarWriter
 
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
 
-__all__ = ["INFO_NAME", "file_sha256", "plan_shards", "read_info", "shard_keys", "write_shards", "write_source"]
+__all__ = ["INFO_NAME", "file_digest", "plan_shards", "read_info", "shard_keys", "write_shards", "write_source"]
 
 INFO_NAME = "_info.json"
 FORMAT_VERSION = 1
 SHUFFLED_SPLITS = ("train",)  # shuffled across classes before writing, so every shard mixes classes
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    """Hex digest of a file with a ``hashlib`` algorithm ('sha256', 'md5', ...), read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -158,7 +158,7 @@ def write_shards(
             if not _is_complete(path, [keys[i] for i in shard_order]):
                 _write_shard(path, (samples[i] for i in shard_order))
             filenames.append(path.name)
-            digests.append(file_sha256(path))
+            digests.append(file_digest(path, "sha256"))
             start += length
             bar.update(length)
         bar.close()

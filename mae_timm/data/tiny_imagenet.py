@@ -15,7 +15,6 @@ Class index = position in the sorted wnids (torchvision ``ImageFolder`` order). 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.parse
@@ -26,22 +25,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mae_timm.data.shards import file_digest
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
 
-__all__ = ["TINY_IMAGENET_MD5", "TINY_IMAGENET_URL", "download", "file_md5", "tiny_imagenet"]
+__all__ = ["NO_MD5", "TINY_IMAGENET_MD5", "TINY_IMAGENET_URL", "download", "tiny_imagenet"]
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+NO_MD5 = "none"  # md5 value that skips the check, also for a file named like the official one
 SPLITS = ("train", "validation", "test")
-
-
-def file_md5(path: str | os.PathLike) -> str:
-    """Hex md5 of a file, read in 1 MiB blocks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, directory: str | os.PathLike, md5: str | None = None, progress: bool = True) -> Path:
@@ -52,7 +44,7 @@ def download(url: str, directory: str | os.PathLike, md5: str | None = None, pro
     """
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     target = Path(directory) / name
-    if target.is_file() and (md5 is None or file_md5(target) == md5):
+    if target.is_file() and (md5 is None or file_digest(target, "md5") == md5):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
@@ -66,8 +58,9 @@ def download(url: str, directory: str | os.PathLike, md5: str | None = None, pro
             for block in iter(lambda: response.read(1 << 20), b""):
                 f.write(block)
                 bar.update(len(block))
-    if md5 is not None and (got := file_md5(part)) != md5:
-        raise DataError(f"{url} has md5 {got}, expected {md5}; the download is left at {part}")
+    if md5 is not None and (got := file_digest(part, "md5")) != md5:
+        raise DataError(f"{url} has md5 {got}, expected {md5}; the download is left at {part} "
+                        f"(--md5 {NO_MD5} skips the check)")
     os.replace(part, target)
     return target
 
@@ -186,6 +179,15 @@ def _test_entries(tree) -> list[tuple[str, int, dict | None]]:
     return [(f"test/images/{name}", -1, None) for name in files]
 
 
+def _expected_md5(file_name: str, md5: str | None) -> str | None:
+    """The md5 a source file must have: ``md5`` when given (None for ``"none"``), else the official md5 when
+    ``file_name`` is the official zip's, else None (no check)."""
+    if md5 is not None:
+        return None if md5.lower() == NO_MD5 else md5.lower()
+    official_name = Path(urllib.parse.urlparse(TINY_IMAGENET_URL).path).name
+    return TINY_IMAGENET_MD5 if file_name == official_name else None
+
+
 def tiny_imagenet(
     src: str | os.PathLike,
     splits: Sequence[str] = ("train", "validation"),
@@ -196,24 +198,25 @@ def tiny_imagenet(
 ) -> SourceData:
     """Tiny-ImageNet from the official zip, its extracted folder, or a URL (http, https, file).
 
-    A URL is downloaded into ``download_dir`` first. The md5 is checked against ``md5`` when given, and
-    against the official one when ``src`` is the official URL. Splits: ``train`` (label from the class
+    A URL is downloaded into ``download_dir`` first. The zip's md5 is checked against ``md5`` when given
+    (``"none"``: no check), else against the official one when the file is the official
+    ``tiny-imagenet-200.zip`` (by name: a local path or a URL). Splits: ``train`` (label from the class
     folder), ``validation`` (labels from ``val/val_annotations.txt``), ``test`` (unlabeled, class -1).
     """
     for split in splits:
         if split not in SPLITS:
             raise DataError(f"Tiny-ImageNet has splits {list(SPLITS)}, not {split!r}")
     src = str(src)
-    if md5 is None and src == TINY_IMAGENET_URL:
-        md5 = TINY_IMAGENET_MD5
-    if urllib.parse.urlparse(src).scheme in ("http", "https", "file"):
+    is_url = urllib.parse.urlparse(src).scheme in ("http", "https", "file")
+    md5 = _expected_md5(Path(urllib.parse.urlparse(src).path if is_url else src).name, md5)
+    if is_url:
         path = download(src, Path(download_dir).expanduser(), md5=md5, progress=progress)
     else:
         path = Path(src).expanduser()
         if not path.exists():
             raise DataError(f"Tiny-ImageNet source {path} does not exist (give the zip, its folder, or a URL)")
-        if md5 is not None and path.is_file() and (got := file_md5(path)) != md5:
-            raise DataError(f"{path} has md5 {got}, expected {md5}")
+        if md5 is not None and path.is_file() and (got := file_digest(path, "md5")) != md5:
+            raise DataError(f"{path} has md5 {got}, expected {md5} (--md5 {NO_MD5} skips the check)")
     if path.is_dir():
         tree = _DirTree(path)
     elif zipfile.is_zipfile(path):
