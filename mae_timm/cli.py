@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = _load(COMMANDS[args.command][0])
-    return int(module.run(args, args.command) or 0)
+    try:
+        return int(module.run(args, args.command) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # errors a user can cause (bad settings, missing or clashing files) are one line, not a traceback
+        print(f"mae-timm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ class NanAfter(nn.Module):
     def __init__(self, model: nn.Module, bad_call: int):
         super().__init__()
         self.model, self.bad_call, self.calls = model, bad_call, 0
-        self.pretrained_cfg = model.pretrained_cfg
+        self.pretrained_cfg, self.patch_embed = model.pretrained_cfg, model.patch_embed
 
     def forward(self, imgs, mask_ratio: float = 0.75):
         self.calls += 1

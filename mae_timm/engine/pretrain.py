@@ -127,7 +127,8 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _image_size(cfg: PretrainConfig, model: nn.Module) -> int:
-    return cfg.img_size or int(model.pretrained_cfg["input_size"][-1])
+    """The size the model was built for (kwargs such as img_size=28 included), unless the config says otherwise."""
+    return cfg.img_size or int(model.patch_embed.img_size[-1])
 
 
 def _create_loader(cfg: PretrainConfig, info: DistInfo, img_size: int, *, split: str, train: bool, batch_size: int):

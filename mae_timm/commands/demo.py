@@ -1,0 +1,17 @@
+"""``mae-timm demo``: pretrain a small MAE on the bundled Fashion-MNIST sample, then kNN and figures."""
+
+from __future__ import annotations
+
+import argparse
+
+from mae_timm.demo import DemoConfig, run_demo
+from mae_timm.engine.config import add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    add_config_arguments(parser, DemoConfig)
+
+
+def run(args: argparse.Namespace, name: str) -> int:
+    run_demo(config_from_args(DemoConfig, args))
+    return 0

@@ -1,0 +1,187 @@
+"""Figures: reconstruction grids of masked-image models and loss curves of pretraining runs.
+
+Reconstruction grid, one row per image: original | masked | reconstruction | reconstruction with the visible
+patches pasted back. With a norm-pix loss the model predicts every patch normalised by that patch's own
+mean and std, which for a removed patch are unknown. They are estimated from the visible patches only: each
+removed patch takes the mean and std of the visible patches around it, weighted by a Gaussian of the distance
+in patches; a visible patch keeps its own. No statistic of a removed patch's pixels enters the figure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from matplotlib.figure import Figure
+
+from mae_timm.layers import patchify, unpatchify
+
+__all__ = [
+    "NEIGHBOUR_SIGMA",
+    "visible_patch_stats",
+    "reconstruct",
+    "save_reconstruction_grid",
+    "save_loss_curve",
+]
+
+NEIGHBOUR_SIGMA = 2.0  # width, in patches, of the Gaussian that weighs visible patches' statistics
+
+
+def visible_patch_stats(
+    patches: torch.Tensor, mask: torch.Tensor, grid_size: tuple[int, int], sigma: float = NEIGHBOUR_SIGMA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std for de-normalising norm-pix predictions, from visible patches only.
+
+    patches (N, L, p*p*C), mask (N, L) with 1 = removed -> mean (N, L, 1), std (N, L, 1). A visible patch gets
+    its own statistics (as in the norm-pix target); a removed one the Gaussian-weighted average over the visible
+    patches. The removed patches' pixels are never read: changing them leaves the result unchanged.
+    """
+    own_mean = patches.mean(dim=-1)  # (N, L)
+    own_std = (patches.var(dim=-1) + 1.0e-6) ** 0.5  # the norm-pix loss's normalisation
+    visible = 1.0 - mask  # (N, L)
+    own_mean, own_std = own_mean * visible, own_std * visible  # removed patches' values are dropped here
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size[0], device=patches.device), torch.arange(grid_size[1], device=patches.device),
+        indexing="ij",
+    )
+    position = torch.stack([rows.flatten(), cols.flatten()], dim=1).float()  # (L, 2)
+    weight = torch.exp(-torch.cdist(position, position) ** 2 / (2 * sigma**2))  # (L, L)
+    norm = (visible @ weight).clamp_min(1e-12)  # (N, L): weight matrix is symmetric
+    mean = (own_mean @ weight) / norm
+    std = (own_std @ weight) / norm
+    mean = torch.where(mask.bool(), mean, own_mean)
+    std = torch.where(mask.bool(), std, own_std)
+    return mean.unsqueeze(-1), std.unsqueeze(-1)
+
+
+def _is_pixel_model(model: nn.Module) -> bool:
+    """MAE-style models predict pixels through a decoder head; APL models predict positions."""
+    return hasattr(model, "decoder_pred") and hasattr(model, "norm_pix_loss")
+
+
+@torch.no_grad()
+def reconstruct(
+    model: nn.Module, imgs: torch.Tensor, *, mask_ratio: float = 0.75, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Mask, encode and decode a batch of normalised images (N, C, H, W) with a fixed seed.
+
+    Returns normalised images (N, C, H, W) 'reconstruction' and 'pasted' (visible patches from the input),
+    'mask' (N, L) with 1 = removed, and 'loss'.
+    """
+    if not _is_pixel_model(model):
+        raise ValueError(
+            f"{type(model).__name__} predicts no pixels (an APL model predicts patch positions); "
+            "reconstruction figures need an mae_* checkpoint"
+        )
+    was_training = model.training
+    model.eval()
+    patch_size = model.patch_embed.patch_size
+    grid_size = model.patch_embed.grid_size
+    noise = torch.rand(imgs.shape[0], grid_size[0] * grid_size[1], generator=torch.Generator().manual_seed(seed))
+    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise.to(imgs.device))
+    model.train(was_training)
+    pred, mask = pred.float(), mask.float()
+    patches = patchify(imgs, patch_size)  # (N, L, p*p*C)
+    if model.norm_pix_loss:
+        mean, std = visible_patch_stats(patches, mask, grid_size)
+        pred = pred * std + mean
+    removed = mask.unsqueeze(-1)  # (N, L, 1)
+    img_size = imgs.shape[-2:]
+    return dict(
+        reconstruction=unpatchify(pred, patch_size, img_size),
+        pasted=unpatchify(patches * (1 - removed) + pred * removed, patch_size, img_size),
+        mask=mask,
+        loss=loss.float(),
+    )
+
+
+def _to_display(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised (N, C, H, W) -> (N, H, W, C) in [0, 1] on the CPU, for imshow."""
+    mean = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+    return (imgs.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def save_reconstruction_grid(
+    model: nn.Module,
+    imgs: torch.Tensor,
+    path: str | Path,
+    *,
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Path:
+    """Write the original | masked | reconstruction | reconstruction + visible figure for normalised ``imgs``.
+
+    ``mean``/``std`` are the normalisation of ``imgs`` (the model's ``pretrained_cfg``); removed patches are
+    shown grey. Returns the path written.
+    """
+    out = reconstruct(model, imgs, mask_ratio=mask_ratio, seed=seed)
+    patch_size = model.patch_embed.patch_size
+    removed = unpatchify(
+        out["mask"].unsqueeze(-1).expand(-1, -1, patch_size[0] * patch_size[1]), patch_size, imgs.shape[-2:]
+    ).permute(0, 2, 3, 1).cpu()  # (N, H, W, 1), 1 on removed pixels
+    original = _to_display(imgs, mean, std)
+    columns = {
+        "original": original,
+        "masked": original * (1 - removed) + 0.5 * removed,
+        "reconstruction": _to_display(out["reconstruction"], mean, std),
+        "reconstruction + visible": _to_display(out["pasted"], mean, std),
+    }
+    rows = imgs.shape[0]
+    fig = Figure(figsize=(2.0 * len(columns), 2.0 * rows + 0.9), layout="constrained")
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    for col, (title, images) in enumerate(columns.items()):
+        axes[0, col].set_title(title, fontsize=9)
+        for row in range(rows):
+            axes[row, col].imshow(images[row].numpy(), cmap="gray")
+            axes[row, col].axis("off")
+    note = f"mask ratio {mask_ratio:g}, seed {seed}, loss {out['loss'].item():.4f}"
+    if model.norm_pix_loss:
+        note += (
+            f"\nnorm-pix: removed patches de-normalised with the mean/std of visible patches\n"
+            f"(Gaussian-weighted by distance, sigma {NEIGHBOUR_SIGMA:g} patches); no removed pixel is used"
+        )
+    fig.suptitle(note, fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a partly written last line (a run killed mid-write) is skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def save_loss_curve(jsonl_path: str | Path, png_path: str | Path) -> Path:
+    """Plot 'loss' (and 'lr' on a second axis, when logged) against 'step' from a metrics JSONL file."""
+    records = [r for r in _read_jsonl(Path(jsonl_path)) if "loss" in r]
+    if not records:
+        raise ValueError(f"{jsonl_path} has no records with a 'loss'; is it a pretraining metrics file?")
+    steps = [r.get("step", i) for i, r in enumerate(records)]
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(steps, [r["loss"] for r in records], color="tab:blue", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    if all("lr" in r for r in records):
+        lr_axis = ax.twinx()
+        lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", linewidth=1)
+        lr_axis.set_ylabel("lr", color="tab:orange")
+    ax.set_title(Path(jsonl_path).parent.name or str(jsonl_path), fontsize=9)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    return png_path

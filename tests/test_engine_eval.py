@@ -1,0 +1,245 @@
+"""Evaluation, figures, export and the demo on CPU: kNN / linear probe / fine-tune, safetensors -> timm,
+reconstruction grids without leaks, the ``--help`` of every subcommand, and the demo with reduced steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from fakes import make_shards
+from safetensors import safe_open
+
+import mae_timm
+from mae_timm.cli import COMMANDS, main
+from mae_timm.data import read_idx
+from mae_timm.demo import ASSETS
+from mae_timm.engine.checkpoint import checkpoint_path, save_checkpoint
+from mae_timm.engine.evaluate import (
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    finetune_evaluate,
+    knn_evaluate,
+    knn_scores,
+    linprobe_evaluate,
+    topk_accuracy,
+)
+from mae_timm.engine.export import create_model_line, export_safetensors, timm_architecture
+from mae_timm.viz import reconstruct, save_loss_curve, save_reconstruction_grid, visible_patch_stats
+
+PRETEXT_TEST_MODELS = [name for name in ("mae_vit_test", "mae_vit_test_early_mask", "apl_vit_test")
+                       if name in timm.list_models()]
+
+
+PALETTE = torch.tensor([[230, 40, 40], [40, 230, 40], [40, 40, 230], [230, 230, 40]], dtype=torch.uint8)
+
+
+def _colour_images(num_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 clearly separable classes of 32 px uint8 images: a class colour plus per-pixel noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat_interleave(num_per_class)
+    noise = torch.randint(0, 50, (len(labels), 3, 32, 32), generator=generator, dtype=torch.uint8)
+    return PALETTE[labels].view(-1, 3, 1, 1) // 5 * 4 + noise, labels  # (N, 3, 32, 32), (N,)
+
+
+def _batches(imgs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list:
+    return list(zip(imgs.split(batch_size), labels.split(batch_size)))
+
+
+@pytest.fixture(scope="module")
+def separable():
+    train = _batches(*_colour_images(12, seed=0), batch_size=16)
+    val = _batches(*_colour_images(5, seed=1), batch_size=16)
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("eval"))  # 4 colour classes, 32 train + 8 validation, 32 px
+
+
+def _checkpoint(tmp_path, name: str, **model_kwargs):
+    """A checkpoint in the engine's format (contracts.md) of a freshly initialised pretext model."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **model_kwargs)
+    state = dict(model=model.state_dict(), model_name=name, model_kwargs=model_kwargs, step=7, epoch=1,
+                 optimizer={}, scheduler={}, scaler={}, rng={}, config={}, version=mae_timm.__version__)
+    return save_checkpoint(state, checkpoint_path(tmp_path / name, 7)), model
+
+
+def test_topk_accuracy_by_hand():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    labels = torch.tensor([1, 1, 0, 2])
+    assert topk_accuracy(scores, labels, ks=(1, 2, 5)) == {"top1": 25.0, "top2": 50.0, "top5": 100.0}
+
+
+def test_knn_votes_are_temperature_weighted():
+    # two fairly similar neighbours of class 0 are outvoted by one very similar neighbour of class 1
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [-1.0, 0.0]])
+    labels = torch.tensor([1, 0, 0, 2])
+    query = torch.tensor([[1.0, 0.0]])
+    scores = knn_scores(bank, labels, query, num_classes=3, k=3, temperature=0.07)
+    assert scores.argmax().item() == 1
+    expected = torch.tensor([[2 * math.exp(0.6 / 0.07), math.exp(1 / 0.07), 0.0]])
+    torch.testing.assert_close(scores, expected)
+    flat = knn_scores(bank, labels, query, num_classes=3, k=3, temperature=100.0)  # ~ majority vote
+    assert flat.argmax().item() == 0
+
+
+@pytest.mark.parametrize("name", PRETEXT_TEST_MODELS)
+def test_knn_and_linprobe_separate_clear_classes(name, separable):
+    train, val = separable
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    knn = knn_evaluate(model, train, val, 4, KnnConfig(), "cpu")
+    assert knn["top1"] >= 90.0 and knn["top5"] == 100.0 and knn["num_val"] == 20
+    probe = linprobe_evaluate(model, train, val, 4, LinprobeConfig(epochs=30, batch_size=16, warmup_epochs=2), "cpu")
+    assert probe["top1"] >= 90.0, probe
+
+
+def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable):
+    train, val = separable
+    model = timm.create_model("mae_vit_test")
+    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, drop_path_rate=0.1)
+    logs = []
+    result = finetune_evaluate(model, train[:2], val, 4, cfg, "cpu", log=logs.append)
+    assert 0.0 <= result["top1"] <= 100.0 and math.isfinite(result["train_loss"])
+    assert len(result["history"]) == 1 and "epoch 1/1" in logs[0]
+
+
+@pytest.mark.parametrize("name", PRETEXT_TEST_MODELS)
+def test_export_loads_in_timm_with_identical_features(name, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    path = tmp_path / "encoder.safetensors"
+    arch, kwargs = export_safetensors(model, path)
+    loaded = eval(create_model_line(arch, kwargs, path), {"timm": timm})  # the line the command prints
+    reference = mae_timm.create_timm_encoder(model).eval()
+    x = torch.randn(2, 3, *reference.patch_embed.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().forward_features(x), reference.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.forward_head(loaded.forward_features(x), pre_logits=True),
+                                   reference.forward_head(reference.forward_features(x), pre_logits=True))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["timm_architecture"] == arch and json.loads(metadata["timm_kwargs"])["num_classes"] == 0
+
+
+def test_export_names_the_registered_timm_vit():
+    kwargs = mae_timm.encoder_kwargs(timm.create_model("mae_vit_tiny_patch8_64"))
+    assert timm_architecture(kwargs) == ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, num_classes=0))
+
+
+def test_visible_patch_stats_never_read_removed_patches():
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.randn(3, 16, 12, generator=generator)
+    mask = (torch.rand(3, 16, generator=generator) < 0.75).float()
+    mask[:, 0] = 0  # at least one visible patch per image
+    mean, std = visible_patch_stats(patches, mask, (4, 4))
+    changed = torch.where(mask.bool().unsqueeze(-1), 100 * torch.randn(3, 16, 12, generator=generator), patches)
+    mean2, std2 = visible_patch_stats(changed, mask, (4, 4))
+    torch.testing.assert_close(mean, mean2)
+    torch.testing.assert_close(std, std2)
+    visible = ~mask.bool()
+    torch.testing.assert_close(mean[visible].squeeze(-1), patches.mean(-1)[visible])
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_reconstruction_grid_png(norm_pix_loss, tmp_path):
+    model = timm.create_model("mae_vit_test", norm_pix_loss=norm_pix_loss).train()
+    imgs = torch.randn(2, 3, 32, 32)
+    out = reconstruct(model, imgs, mask_ratio=0.75, seed=3)
+    kept = (1 - out["mask"]).bool()  # (N, L): pasted == input on visible patches
+    pasted, inputs = mae_timm.patchify(out["pasted"], 8), mae_timm.patchify(imgs, 8)
+    torch.testing.assert_close(pasted[kept], inputs[kept])
+    assert torch.equal(reconstruct(model, imgs, mask_ratio=0.75, seed=3)["mask"], out["mask"])  # seeded
+    path = save_reconstruction_grid(model, imgs, tmp_path / "grid.png", mask_ratio=0.75, seed=3,
+                                    mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and model.training  # mode restored
+
+
+@pytest.mark.skipif("apl_vit_test" not in timm.list_models(), reason="APL models not registered")
+def test_reconstruction_of_apl_model_is_a_clear_error(tmp_path):
+    model = timm.create_model("apl_vit_test")
+    with pytest.raises(ValueError, match="predicts no pixels"):
+        save_reconstruction_grid(model, torch.randn(1, 3, 32, 32), tmp_path / "x.png", mean=(0,) * 3, std=(1,) * 3)
+
+
+def test_loss_curve_png(tmp_path):
+    lines = [json.dumps(dict(step=s, loss=1 / s, lr=1e-3)) for s in range(1, 30)] + ['{"step": 30, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    path = save_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: mae-timm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linprobe", "finetune"])
+def test_evaluate_commands_write_json(protocol, shards, tmp_path):
+    path, _ = _checkpoint(tmp_path, "mae_vit_test")
+    extra = {"knn": [], "linprobe": ["--epochs", "5"], "finetune": ["--epochs", "1", "--batch-size", "8"]}[protocol]
+    assert main([protocol, "--checkpoint", str(path), "--data", str(shards), "--num-workers", "1", *extra]) == 0
+    result = json.loads((path.parent / f"{protocol}.json").read_text())
+    assert result["model_name"] == "mae_vit_test" and result["num_val" if protocol != "finetune" else "epoch"]
+    assert 0 <= result["top1"] <= 100 and result["top5"] == 100.0  # 4 classes: top-5 is everything
+
+
+def test_export_and_visualize_commands(tmp_path, capsys):
+    path, model = _checkpoint(tmp_path, "mae_vit_test_early_mask", norm_pix_loss=True)
+    out = tmp_path / "encoder.safetensors"
+    assert main(["export", "--checkpoint", str(path), "--out", str(out)]) == 0
+    line = next(s.strip() for s in capsys.readouterr().out.splitlines() if "timm.create_model(" in s)
+    loaded = eval(line, {"timm": timm})
+    assert loaded.num_classes == 0 and not line.startswith("timm.create_model('mae")
+    from PIL import Image
+
+    Image.new("RGB", (40, 50), (200, 30, 30)).save(tmp_path / "red.png")
+    png = tmp_path / "fig.png"
+    assert main(["visualize", "--checkpoint", str(path), "--image", str(tmp_path / "red.png"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bundled_fashion_mnist_sample():
+    train_labels = read_idx(ASSETS / "train-labels-idx1-ubyte.gz")
+    test_images = read_idx(ASSETS / "t10k-images-idx3-ubyte.gz")
+    assert len(train_labels) == 5000 and test_images.shape == (1000, 28, 28)
+    assert set(train_labels.tolist()) == set(range(10)) and (ASSETS / "LICENSE-fashion-mnist.txt").is_file()
+
+
+@pytest.mark.slow
+def test_demo_with_reduced_steps(tmp_path, capsys):
+    tiny = dict(img_size=28, patch_size=7, embed_dim=24, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                decoder_num_heads=2)
+    out = tmp_path / "demo"
+    args = ["demo", "--steps", "3", "--out", str(out), "--num-workers", "1", "--model-kwargs", json.dumps(tiny)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for name in ("knn.json", "knn_random_init.json", "reconstruction.png", "loss.png", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+        assert name in printed or name == "metrics.jsonl"
+    assert json.loads((out / "knn.json").read_text())["step"] == 3
+
+
+@pytest.mark.slow
+def test_quality_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
+
+    args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--arms", "mae_early,random",
+            "--pretrain-steps", "2", "--batch-size", "64", "--linprobe-epochs", "1", "--finetune-epochs", "1",
+            "--num-workers", "1", "--model-kwargs", json.dumps(dict(embed_dim=16, depth=1, num_heads=2))]
+    assert quality.main(args) == 0
+    results = json.loads((tmp_path / "quality.json").read_text())["results"]
+    assert set(results) == {"mae_early", "random"}
+    assert all(0 <= results[arm][p]["top1"] <= 100 for arm in results for p in ("knn", "linprobe", "finetune"))
+    assert "fine-tune top-1" in (tmp_path / "quality.md").read_text()
