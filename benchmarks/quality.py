@@ -1,5 +1,7 @@
-"""Learning benchmark: pretrain ViT-Tiny on Fashion-MNIST (late mask, early mask, APL), then kNN, linear probe and
-fine-tuning of each encoder against the same architecture at random init.
+"""Learning benchmark: late mask, early mask and APL on Fashion-MNIST against random init.
+
+Pretrains ViT-Tiny with each pretext task, then runs kNN, linear probe and fine-tuning of each encoder against the
+same architecture at random init.
 
 Every arm gets the same budget (``--pretrain-steps`` updates of ``--batch-size`` images) and the same evaluation:
 kNN (k=20, cosine, T=0.07), linear probe (BatchNorm + linear on frozen features, SGD) and fine-tuning (AdamW,
