@@ -15,14 +15,17 @@ from fakes import make_shards
 from safetensors import safe_open
 
 import mae_timm
+import mae_timm.engine.evaluate as evaluate
 from mae_timm.cli import COMMANDS, main
 from mae_timm.data import read_idx
 from mae_timm.demo import ASSETS
 from mae_timm.engine.checkpoint import checkpoint_path, save_checkpoint
 from mae_timm.engine.evaluate import (
+    EvalData,
     FinetuneConfig,
     KnnConfig,
     LinprobeConfig,
+    evaluate_model,
     finetune_evaluate,
     knn_evaluate,
     knn_scores,
@@ -32,6 +35,7 @@ from mae_timm.engine.evaluate import (
 from mae_timm.engine.export import create_model_line, export_safetensors, timm_architecture
 from mae_timm.viz import reconstruct, save_loss_curve, save_reconstruction_grid, visible_patch_stats
 
+CREATE_OPTIMIZER = evaluate.create_optimizer_v2  # the real one, for tests that wrap it
 PRETEXT_TEST_MODELS = [name for name in ("mae_vit_test", "mae_vit_test_early_mask", "apl_vit_test")
                        if name in timm.list_models()]
 
@@ -102,14 +106,68 @@ def test_knn_and_linprobe_separate_clear_classes(name, separable):
     assert probe["top1"] >= 90.0, probe
 
 
-def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable):
+@pytest.mark.gpu
+def test_knn_votes_on_the_eval_device(separable, device, monkeypatch):
+    train, val = separable
+    devices = []
+
+    def knn_scores_on(bank, labels, queries, num_classes, **kwargs):
+        devices.extend(t.device.type for t in (bank, labels, queries))
+        return knn_scores(bank, labels, queries, num_classes, **kwargs)
+
+    monkeypatch.setattr(evaluate, "knn_scores", knn_scores_on)
+    result = knn_evaluate(timm.create_model("mae_vit_test"), train, val, 4, KnnConfig(), device)
+    assert devices == [device.type] * 3 and 0 <= result["top1"] <= 100
+
+
+def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable, monkeypatch):
     train, val = separable
     model = timm.create_model("mae_vit_test")
-    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, drop_path_rate=0.1)
+    seen = {}
+
+    def create_optimizer(classifier, **kwargs):
+        seen.update(classifier=classifier, optimizer=CREATE_OPTIMIZER(classifier, **kwargs))
+        return seen["optimizer"]
+
+    class SoftTarget(evaluate.SoftTargetCrossEntropy):
+        def forward(self, x, target):
+            seen["soft_targets"] = target.shape == x.shape  # mixed one-hot targets, not class indices
+            return super().forward(x, target)
+
+    monkeypatch.setattr(evaluate, "create_optimizer_v2", create_optimizer)
+    monkeypatch.setattr(evaluate, "SoftTargetCrossEntropy", SoftTarget)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, drop_path_rate=0.2, mixup=0.8)
     logs = []
     result = finetune_evaluate(model, train[:2], val, 4, cfg, "cpu", log=logs.append)
     assert 0.0 <= result["top1"] <= 100.0 and math.isfinite(result["train_loss"])
-    assert len(result["history"]) == 1 and "epoch 1/1" in logs[0]
+    assert len(result["history"]) == 1 and "epoch 1/1" in logs[0] and "best_top1" not in result
+    classifier = seen["classifier"]
+    assert len({group["lr_scale"] for group in seen["optimizer"].param_groups}) > 1  # layer decay
+    assert classifier.blocks[-1].drop_path1.drop_prob == pytest.approx(cfg.drop_path_rate)
+    assert seen["soft_targets"]
+    # average pooling, then the final LayerNorm (fc_norm), as the MAE fine-tune; no norm before the pool
+    assert classifier.global_pool == "avg" and isinstance(classifier.norm, torch.nn.Identity)
+    assert isinstance(classifier.fc_norm, torch.nn.LayerNorm)
+
+
+def test_finetune_fc_norm_starts_from_the_trained_norm_and_head_near_zero(separable, monkeypatch):
+    train, val = separable
+    torch.manual_seed(0)
+    model = timm.create_model("mae_vit_test")
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)  # a trained-looking final norm
+    seen = {}
+
+    def create_optimizer(classifier, **kwargs):
+        seen.update(fc_norm=classifier.fc_norm.weight.detach().clone(),
+                    head=classifier.head.weight.detach().clone(), bias=classifier.head.bias.detach().clone())
+        return CREATE_OPTIMIZER(classifier, **kwargs)
+
+    monkeypatch.setattr(evaluate, "create_optimizer_v2", create_optimizer)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, mixup=0.0, cutmix=0.0)
+    finetune_evaluate(model, train[:1], val[:1], 4, cfg, "cpu", log=lambda _: None)
+    torch.testing.assert_close(seen["fc_norm"], model.norm.weight.detach())  # a documented deviation
+    assert 1e-5 < seen["head"].std() < 4e-5 and not seen["bias"].any()  # trunc_normal_(std=2e-5), bias 0
 
 
 @pytest.mark.parametrize("name", PRETEXT_TEST_MODELS)
@@ -128,6 +186,23 @@ def test_export_loads_in_timm_with_identical_features(name, tmp_path):
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     assert metadata["timm_architecture"] == arch and json.loads(metadata["timm_kwargs"])["num_classes"] == 0
+
+
+def test_failed_export_check_leaves_no_file(tmp_path, monkeypatch):
+    model = timm.create_model("mae_vit_test")
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(b"an earlier export")
+    create_timm_encoder = mae_timm.create_timm_encoder
+
+    def wrong_encoder(model, **overrides):  # the export then differs from what the check compares with
+        encoder = create_timm_encoder(model, **overrides)
+        torch.nn.init.zeros_(encoder.blocks[0].mlp.fc2.weight)
+        return encoder
+
+    monkeypatch.setattr(mae_timm, "create_timm_encoder", wrong_encoder)
+    with pytest.raises(ValueError, match="export not written"):
+        export_safetensors(model, path)
+    assert path.read_bytes() == b"an earlier export" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_export_names_the_registered_timm_vit():
@@ -149,6 +224,20 @@ def test_visible_patch_stats_never_read_removed_patches():
     torch.testing.assert_close(mean[visible].squeeze(-1), patches.mean(-1)[visible])
 
 
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_vit_test_early_mask"])
+def test_reconstruction_never_reads_removed_pixels(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, norm_pix_loss=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    out = reconstruct(model, imgs, mask_ratio=0.75, seed=3)
+    removed = out["mask"].bool().unsqueeze(-1)  # (N, L, 1)
+    patches = mae_timm.patchify(imgs, 8)  # (N, L, p*p*3)
+    imgs2 = mae_timm.unpatchify(torch.where(removed, 50 * torch.randn_like(patches), patches), 8, (32, 32))
+    out2 = reconstruct(model, imgs2, mask_ratio=0.75, seed=3)
+    assert torch.equal(out2["mask"], out["mask"])
+    assert torch.equal(out2["reconstruction"], out["reconstruction"])
+
+
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 def test_reconstruction_grid_png(norm_pix_loss, tmp_path):
     model = timm.create_model("mae_vit_test", norm_pix_loss=norm_pix_loss).train()
@@ -157,7 +246,6 @@ def test_reconstruction_grid_png(norm_pix_loss, tmp_path):
     kept = (1 - out["mask"]).bool()  # (N, L): pasted == input on visible patches
     pasted, inputs = mae_timm.patchify(out["pasted"], 8), mae_timm.patchify(imgs, 8)
     torch.testing.assert_close(pasted[kept], inputs[kept])
-    assert torch.equal(reconstruct(model, imgs, mask_ratio=0.75, seed=3)["mask"], out["mask"])  # seeded
     path = save_reconstruction_grid(model, imgs, tmp_path / "grid.png", mask_ratio=0.75, seed=3,
                                     mean=model.pretrained_cfg["mean"], std=model.pretrained_cfg["std"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and model.training  # mode restored
@@ -192,6 +280,60 @@ def test_evaluate_commands_write_json(protocol, shards, tmp_path):
     result = json.loads((path.parent / f"{protocol}.json").read_text())
     assert result["model_name"] == "mae_vit_test" and result["num_val" if protocol != "finetune" else "epoch"]
     assert 0 <= result["top1"] <= 100 and result["top5"] == 100.0  # 4 classes: top-5 is everything
+
+
+@pytest.mark.parametrize(
+    "protocol, cfg, data, match",
+    [
+        ("linprobe", LinprobeConfig(epochs=0), {}, "epochs must be >= 1"),
+        ("finetune", FinetuneConfig(epochs=0, batch_size=8), {}, "epochs must be >= 1"),
+        ("knn", KnnConfig(k=0), {}, "k >= 1"),
+        ("knn", KnnConfig(temperature=0.0), {}, "temperature > 0"),
+        ("knn", KnnConfig(), dict(val_split="train"), "measured on the training data"),
+        ("knn", KnnConfig(), dict(device="cuda"), "CUDA is not available"),
+    ],
+)
+def test_evaluation_errors_are_one_line(protocol, cfg, data, match, shards):
+    if data.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    model = timm.create_model("mae_vit_test")
+    with pytest.raises(ValueError, match=match) as error:
+        evaluate_model(protocol, model, EvalData(data=str(shards), num_workers=0, **data), cfg)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linprobe", "finetune"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_unlabelled_samples_are_a_clear_error(protocol, split, separable):
+    train, val = separable
+    imgs, labels = val[0]
+    unlabelled = [(imgs, torch.full_like(labels, -1))]
+    train, val = (unlabelled, val) if split == "train" else (train[:1], unlabelled)
+    cfg = dict(knn=KnnConfig(), linprobe=LinprobeConfig(epochs=1), finetune=FinetuneConfig(epochs=1, mixup=0.0))
+    run = dict(knn=knn_evaluate, linprobe=linprobe_evaluate, finetune=finetune_evaluate)[protocol]
+    with pytest.raises(ValueError, match="unlabelled samples"):
+        run(timm.create_model("mae_vit_test"), train, val, 4, cfg[protocol], "cpu")
+
+
+def test_warmup_longer_than_training_is_clamped_with_a_note(separable):
+    train, val = separable
+    logs = []
+    cfg = LinprobeConfig(epochs=2, batch_size=16, warmup_epochs=10)
+    result = linprobe_evaluate(timm.create_model("mae_vit_test"), train, val, 4, cfg, "cpu", log=logs.append)
+    assert math.isfinite(result["train_loss"])
+    assert logs == ["note: warmup_epochs 10 >= epochs 2; warming up for 1 epochs"]
+    logs.clear()
+    cfg = FinetuneConfig(epochs=1, batch_size=16)
+    finetune_evaluate(timm.create_model("mae_vit_test"), train[:1], val[:1], 4, cfg, "cpu", log=logs.append)
+    assert logs[0] == "note: warmup_epochs 5 >= epochs 1; warming up for 0 epochs"
+
+
+def test_demo_command_returns_130_when_interrupted(monkeypatch):
+    import mae_timm.commands.demo as demo_command
+
+    for interrupted, code in ((True, 130), (False, 0)):
+        monkeypatch.setattr(demo_command, "run_demo", lambda cfg, stop=interrupted: dict(interrupted=stop))
+        assert main(["demo"]) == code
 
 
 def test_export_and_visualize_commands(tmp_path, capsys):

@@ -13,5 +13,5 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace, name: str) -> int:
-    run_demo(config_from_args(DemoConfig, args))
-    return 0
+    result = run_demo(config_from_args(DemoConfig, args))
+    return 130 if result["interrupted"] else 0  # 130: the shell's code for a run stopped by a signal

@@ -9,8 +9,9 @@ model's mean/std.
   training samples vote with weight ``exp(similarity / temperature)``.
 - Linear probe (MAE paper, appendix A.2): frozen encoder, ``BatchNorm1d(affine=False)`` + ``Linear`` head,
   trained with SGD + momentum (not LARS) on features extracted once, without augmentation.
-- Fine-tuning (MAE paper, appendix A.1): AdamW with layer-wise lr decay (``timm.optim.create_optimizer_v2``),
-  per-iteration cosine schedule with warmup, label smoothing, mixup/cutmix (``timm.data.Mixup``), drop path.
+- Fine-tuning (MAE paper, appendix A.1): average pooling then ``fc_norm``, a new head ~ N(0, 2e-5), AdamW with
+  layer-wise lr decay (``timm.optim.create_optimizer_v2``), per-iteration cosine schedule with warmup, label
+  smoothing, mixup/cutmix (``timm.data.Mixup``), drop path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class LinprobeConfig:
     blr: float = 0.1  # lr = blr * batch_size / 256 (MAE paper blr 0.1, with LARS; SGD + momentum here)
     momentum: float = 0.9
     weight_decay: float = 0.0  # MAE paper: no weight decay for the probe
-    warmup_epochs: int = 10  # linear warmup, then cosine to 0
+    warmup_epochs: int = 10  # linear warmup, then cosine to 0; at most epochs - 1 (clamped with a note)
     global_pool: str | None = None  # None: the encoder's own pooling (cls token for MAE, as in the paper)
     seed: int = 0  # head init and batch order
 
@@ -89,7 +90,7 @@ class FinetuneConfig:
     batch_size: int = 128  # per step
     blr: float = 1e-3  # lr = blr * batch_size / 256 (MAE paper: 5e-4 for ViT-B at batch 1024)
     min_lr: float = 1e-6  # end of the cosine schedule
-    warmup_epochs: int = 5
+    warmup_epochs: int = 5  # linear warmup, then cosine; at most epochs - 1 (clamped with a note)
     weight_decay: float = 0.05
     layer_decay: float = 0.75  # lr of block i is lr * layer_decay ** (depth + 1 - i)
     drop_path_rate: float = 0.1
@@ -97,6 +98,7 @@ class FinetuneConfig:
     mixup: float = 0.8  # mixup alpha; 0 disables
     cutmix: float = 1.0  # cutmix alpha; 0 disables
     global_pool: str = "avg"  # MAE paper fine-tunes on average-pooled tokens + fc_norm
+    fc_norm: bool = True  # final LayerNorm after the pool (MAE fine-tune); False: before it, as in pretraining
     crop_scale_min: float = 0.08  # RandomResizedCrop scale (crop_scale_min, 1), in the loader's workers
     clip_grad: float | None = None  # max gradient norm; None: no clipping
     seed: int = 0  # head init, shuffling, mixup draws
@@ -118,11 +120,36 @@ def _pixel_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
-def _encoder(model: nn.Module, global_pool: str | None, **overrides) -> nn.Module:
+def _encoder(model: nn.Module, global_pool: str | None) -> nn.Module:
     """The pretext model's encoder as a timm VisionTransformer, with an optional pooling override."""
-    if global_pool is not None:
-        overrides["global_pool"] = global_pool
+    overrides = {} if global_pool is None else dict(global_pool=global_pool)
     return mae_timm.create_timm_encoder(model, **overrides)
+
+
+def _eval_device(name: str | None) -> torch.device:
+    """``name`` as a device (None: cuda when available, else cpu); a clear error when CUDA is asked for but absent."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def _labelled(loader: Iterable, split: str) -> Iterator:
+    """``loader``'s (images, labels) batches; a clear error at the first unlabelled sample (class -1)."""
+    for imgs, targets in loader:
+        if (targets < 0).any():
+            raise ValueError(f"the {split} data holds unlabelled samples (class -1); evaluation needs labelled splits")
+        yield imgs, targets
+
+
+def _warmup_epochs(cfg, log) -> int:
+    """``cfg.warmup_epochs``, clamped to ``cfg.epochs - 1`` (with a note) so the cosine decay gets an epoch."""
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.warmup_epochs < cfg.epochs:
+        return cfg.warmup_epochs
+    log(f"note: warmup_epochs {cfg.warmup_epochs} >= epochs {cfg.epochs}; warming up for {cfg.epochs - 1} epochs")
+    return cfg.epochs - 1
 
 
 @torch.no_grad()
@@ -181,20 +208,24 @@ def _frozen_features(model: nn.Module, global_pool: str | None, train_loader, va
     device = torch.device(device)
     normalize = GpuAugment(*_pixel_stats(model)).to(device)
     encoder = _encoder(model, global_pool)
-    return (*extract_features(encoder, train_loader, normalize, device),
-            *extract_features(encoder, val_loader, normalize, device))  # fmt: skip
+    return (*extract_features(encoder, _labelled(train_loader, "training"), normalize, device),
+            *extract_features(encoder, _labelled(val_loader, "validation"), normalize, device))  # fmt: skip
 
 
 def knn_evaluate(
     model: nn.Module, train_loader: Iterable, val_loader: Iterable, num_classes: int, cfg: KnnConfig, device
 ) -> dict:
     """kNN accuracy of a pretext model's encoder on ``val_loader`` with ``train_loader`` as the memory bank."""
+    if cfg.k < 1 or cfg.temperature <= 0:
+        raise ValueError(f"kNN needs k >= 1 and temperature > 0, got k={cfg.k}, temperature={cfg.temperature}")
+    device = torch.device(device)
     train_features, train_labels, val_features, val_labels = _frozen_features(
         model, cfg.global_pool, train_loader, val_loader, device
     )
     scores = knn_scores(
-        train_features, train_labels, val_features, num_classes, k=cfg.k, temperature=cfg.temperature
-    )
+        train_features.to(device), train_labels.to(device), val_features.to(device), num_classes,
+        k=cfg.k, temperature=cfg.temperature,
+    ).cpu()
     return dict(topk_accuracy(scores, val_labels), num_train=len(train_labels), num_val=len(val_labels))
 
 
@@ -220,13 +251,23 @@ def _cosine_schedule(optimizer, total_steps: int, warmup_steps: int, min_lr: flo
 
 
 def linprobe_evaluate(
-    model: nn.Module, train_loader: Iterable, val_loader: Iterable, num_classes: int, cfg: LinprobeConfig, device
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    num_classes: int,
+    cfg: LinprobeConfig,
+    device,
+    *,
+    log=print,
 ) -> dict:
     """Linear-probe accuracy: frozen encoder features (extracted once), BatchNorm + linear head trained with SGD."""
+    warmup_epochs = _warmup_epochs(cfg, log)
     device = torch.device(device)
     train_features, train_labels, val_features, val_labels = _frozen_features(
         model, cfg.global_pool, train_loader, val_loader, device
     )
+    if min(cfg.batch_size, len(train_labels)) < 2:
+        raise ValueError("the linear probe's BatchNorm needs batches of >= 2 training samples")
     train_features, train_labels = train_features.to(device), train_labels.to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -235,7 +276,7 @@ def linprobe_evaluate(
     optimizer = torch.optim.SGD(
         head.parameters(), lr=cfg.blr * cfg.batch_size / 256, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    scheduler = _cosine_schedule(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, 0.0)
+    scheduler = _cosine_schedule(optimizer, cfg.epochs * steps_per_epoch, warmup_epochs * steps_per_epoch, 0.0)
     step = 0
     for _ in range(cfg.epochs):
         head.train()
@@ -278,7 +319,7 @@ def _classify(classifier: nn.Module, loader: Iterable, normalize: nn.Module, dev
     """Top-1/top-5 of a classifier over a loader of uint8 images."""
     classifier.eval()
     scores, labels = [], []
-    for imgs, targets in loader:
+    for imgs, targets in _labelled(loader, "validation"):
         with _autocast(device):
             logits = classifier(normalize(imgs.to(device, non_blocking=True)))
         scores.append(logits.float().cpu())
@@ -297,19 +338,24 @@ def finetune_evaluate(
     log=print,
 ) -> dict:
     """Fine-tune the encoder (timm VisionTransformer + new head) end to end; accuracy on ``val_loader`` per epoch."""
+    warmup_epochs = _warmup_epochs(cfg, log)
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     normalize = GpuAugment(*_pixel_stats(model)).to(device)  # crop + flip happen in the training loader's workers
-    classifier = _encoder(
-        model, cfg.global_pool, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate
-    ).to(device)
+    classifier = mae_timm.create_timm_encoder(
+        model, global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, num_classes=num_classes,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    nn.init.trunc_normal_(classifier.head.weight, std=2e-5)  # as the MAE fine-tune: a near-zero head
+    nn.init.zeros_(classifier.head.bias)
+    classifier.to(device)
     optimizer = create_optimizer_v2(
         classifier, opt="adamw", lr=cfg.blr * cfg.batch_size / 256, weight_decay=cfg.weight_decay,
         layer_decay=cfg.layer_decay,
     )
     steps_per_epoch = len(train_loader)
     scheduler = _cosine_schedule(
-        optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch, cfg.min_lr
+        optimizer, cfg.epochs * steps_per_epoch, warmup_epochs * steps_per_epoch, cfg.min_lr
     )
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -327,7 +373,7 @@ def finetune_evaluate(
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         classifier.train()
-        for imgs, targets in train_loader:
+        for imgs, targets in _labelled(train_loader, "training"):
             x, targets = normalize(imgs.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
             if mixup is not None:
                 even = x.shape[0] - x.shape[0] % 2  # timm's Mixup pairs samples: it needs an even batch
@@ -345,7 +391,7 @@ def finetune_evaluate(
         history.append(dict(epoch=epoch + 1, train_loss=loss.item(), **accuracy))
         log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.4f} "
             f"top1 {accuracy['top1']:.2f} top5 {accuracy['top5']:.2f}")
-    return dict(history[-1], best_top1=max(h["top1"] for h in history), history=history)
+    return dict(history[-1], history=history)
 
 
 def evaluate_model(protocol: str, model: nn.Module, data: EvalData, cfg, *, log=print) -> dict:
@@ -355,7 +401,10 @@ def evaluate_model(protocol: str, model: nn.Module, data: EvalData, cfg, *, log=
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    device = torch.device(data.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if data.train_split == data.val_split:
+        raise ValueError(f"train and validation split are both {data.train_split!r}; "
+                         "accuracy would be measured on the training data")
+    device = _eval_device(data.device)
     train_loader, val_loader = _loaders(model, protocol, data, cfg)
     num_classes = train_loader.num_classes
     if not num_classes:
@@ -363,9 +412,10 @@ def evaluate_model(protocol: str, model: nn.Module, data: EvalData, cfg, *, log=
     start = time.perf_counter()
     if protocol == "finetune":
         metrics = finetune_evaluate(model, train_loader, val_loader, num_classes, cfg, device, log=log)
+    elif protocol == "linprobe":
+        metrics = linprobe_evaluate(model, train_loader, val_loader, num_classes, cfg, device, log=log)
     else:
-        run = knn_evaluate if protocol == "knn" else linprobe_evaluate
-        metrics = run(model, train_loader, val_loader, num_classes, cfg, device)
+        metrics = knn_evaluate(model, train_loader, val_loader, num_classes, cfg, device)
     return dict(metrics, device=str(device), seconds=round(time.perf_counter() - start, 1))
 
 

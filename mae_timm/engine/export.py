@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import timm
@@ -72,6 +73,9 @@ def create_model_line(arch: str, kwargs: dict, checkpoint_path: str | Path) -> s
 def export_safetensors(model: nn.Module, path: str | Path, *, source: dict | None = None) -> tuple[str, dict]:
     """Write ``model``'s encoder to ``path`` (.safetensors) and check that timm loads it to identical features.
 
+    The file is written beside ``path`` under a temporary name and renamed only once the check passes; a failed
+    check raises ``ValueError`` and leaves ``path`` as it was.
+
     ``source`` (e.g. checkpoint path, model name, step) is recorded in the metadata. Returns the timm
     architecture name and the kwargs for ``timm.create_model`` (besides ``num_classes=0``, ``checkpoint_path``).
     """
@@ -92,8 +96,13 @@ def export_safetensors(model: nn.Module, path: str | Path, *, source: dict | Non
         "source": json.dumps(source or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
-    _check_loads(model, arch, kwargs, path)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.safetensors")  # timm reads it by the suffix
+    try:
+        save_file(state, str(partial), metadata=metadata)
+        _check_loads(model, arch, kwargs, partial)
+        os.replace(partial, path)  # only a checked file ever carries the name
+    finally:
+        partial.unlink(missing_ok=True)
     return arch, kwargs
 
 
@@ -104,4 +113,4 @@ def _check_loads(model: nn.Module, arch: str, kwargs: dict, path: Path) -> None:
     reference = mae_timm.create_timm_encoder(model).cpu().eval()
     x = torch.randn(2, loaded.patch_embed.proj.in_channels, *loaded.patch_embed.img_size)
     if not torch.equal(loaded.forward_features(x), reference.forward_features(x)):
-        raise RuntimeError(f"{path}: timm.create_model({arch!r}, ...) does not reproduce the encoder's features")
+        raise ValueError(f"export not written: timm.create_model({arch!r}, ...) gives other features than the encoder")
