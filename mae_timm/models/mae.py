@@ -221,13 +221,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_mae(variant: str, pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
-    return build_model_with_cfg(
-        MaskedAutoencoderViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+    # no pretrained_filter_fn: MaskedAutoencoderViT.load_state_dict applies checkpoint_filter_fn on every path
+    # (pretrained=True, checkpoint_path=, a plain load_state_dict), so it runs once
+    return build_model_with_cfg(MaskedAutoencoderViT, variant, pretrained, **kwargs)
 
 
 # The official configurations (decoder 512 d x 8 blocks, 16 heads; LayerNorm eps 1e-6)
