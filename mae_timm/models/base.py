@@ -1,0 +1,75 @@
+"""The pretext-model contract: what every model that `mae-timm pretrain` trains provides.
+
+The engine, the figures, the converters and the benchmarks know a model only through this module: they call
+``forward`` and read the named output, read the capability flags, and take the encoder through
+``encoder_kwargs`` / ``encoder_state_dict``. Nothing else is probed (no ``hasattr``, no signature inspection).
+
+A pretext model is an ``nn.Module`` (usually a timm ``VisionTransformer`` subclass) that also subclasses
+:class:`PretextModel` and
+  * sets the class flags ``predicts_pixels`` and ``takes_mask_ratio``;
+  * implements ``forward(imgs, mask_ratio=..., noise=None)`` returning a :class:`ReconstructionOutput` (pixel
+    models) or a :class:`PuzzleOutput` (position models), or another ``NamedTuple`` with ``loss`` first and a
+    ``metrics`` property;
+  * implements ``encoder_kwargs()`` and ``encoder_state_dict()``: the timm ``VisionTransformer`` that holds the
+    encoder, and its weights (they load ``strict=True`` into it).
+Pixel models (``predicts_pixels = True``) also hold ``norm_pix_loss``, the one switch of the loss target, and
+take ``mask_ratio`` and ``noise`` in ``forward``. ``tests/test_models_registry.py`` checks every registered
+``mae_*`` / ``apl_*`` model against this contract.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+
+__all__ = ["PretextModel", "PretextOutput", "PuzzleOutput", "ReconstructionOutput", "is_pretext_model"]
+
+
+class ReconstructionOutput(NamedTuple):
+    """What a pixel model returns; unpacks as the official ``loss, pred, mask = model(imgs, mask_ratio=0.75)``."""
+
+    loss: torch.Tensor  # () mean loss over the removed patches (or all patches, when the model says so)
+    pred: torch.Tensor  # (N, L, p*p*C) predicted pixels of every patch (normalised per patch under norm-pix loss)
+    mask: torch.Tensor  # (N, L) 1 = removed, 0 = kept
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Scalars worth logging beside the loss (none for pixel reconstruction)."""
+        return {}
+
+
+class PuzzleOutput(NamedTuple):
+    """What a position-prediction model (APL) returns: ``loss, logits, targets = model(imgs)``."""
+
+    loss: torch.Tensor  # () cross-entropy of the predicted positions
+    logits: torch.Tensor  # (N, T', T) position logits of every kept token
+    targets: torch.Tensor  # (N, T') true positions of the kept tokens
+
+    @property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Top-1 position accuracy, a () tensor (read it with one-update lag: no host sync inside an update)."""
+        return {"position_accuracy": (self.logits.detach().argmax(-1) == self.targets).float().mean()}
+
+
+PretextOutput = ReconstructionOutput | PuzzleOutput
+
+
+class PretextModel:
+    """Mixin that marks a model as a pretext model and states its capabilities (see the module docstring)."""
+
+    predicts_pixels: ClassVar[bool] = False  # forward returns pixel predictions and a mask; has `norm_pix_loss`
+    takes_mask_ratio: ClassVar[bool] = False  # forward takes `mask_ratio` (and `noise`, the official ranking)
+
+    def encoder_kwargs(self) -> dict:
+        """JSON-able kwargs of the timm ``VisionTransformer`` that holds the encoder (``num_classes=0``)."""
+        raise NotImplementedError
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights under timm ``VisionTransformer`` names; load ``strict=True`` into it."""
+        raise NotImplementedError
+
+
+def is_pretext_model(model: object) -> bool:
+    """True for models built on the contract (what ``mae-timm pretrain`` accepts)."""
+    return isinstance(model, PretextModel)
