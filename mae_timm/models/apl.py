@@ -32,6 +32,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from mae_timm.layers import gather_tokens, random_masking_ids
+from mae_timm.models.base import PretextModel, PuzzleOutput
 from mae_timm.models.common import pretext_cfg
 
 __all__ = ["APLViT", "CroppedPatchEmbed", "PatchCNN", "position_accuracy"]
@@ -134,7 +135,7 @@ def position_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return (logits.argmax(-1) == targets).float().mean()
 
 
-class APLViT(nn.Module):
+class APLViT(PretextModel, nn.Module):
     """APL puzzle model: cropped patches -> position-free transformer -> per-token position classifier."""
 
     def __init__(
@@ -210,7 +211,7 @@ class APLViT(nn.Module):
 
     position_accuracy = staticmethod(position_accuracy)
 
-    def forward(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor) -> PuzzleOutput:
         """imgs: (N, C, H, W) -> loss (), logits (N, T', T), targets (N, T') (true positions of the kept patches).
 
         In training mode a `patch_drop_rate` fraction of the patches is dropped (T' < T); in eval mode T' = T.
@@ -223,7 +224,7 @@ class APLViT(nn.Module):
             x = gather_tokens(x, ids_keep)  # (N, T', D)
             targets = ids_keep  # (N, T'): the kept tokens' true positions
         logits = self.head(self.forward_tokens(x))  # (N, T', T)
-        return self.forward_loss(logits, targets), logits, targets
+        return PuzzleOutput(self.forward_loss(logits, targets), logits, targets)
 
     def encoder_kwargs(self) -> dict:
         """JSON-able kwargs of the equivalent timm `VisionTransformer` (no position embedding, mean pooling)."""

@@ -7,6 +7,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mae_timm.layers import block_masking, grid_masking, patchify, random_masking_ids
+from mae_timm.models.base import PretextModel
 
 __all__ = ["PixelReconstruction", "masked_mse_loss", "mask_ids_for", "init_linear_and_norm", "pretext_cfg"]
 
@@ -79,7 +80,7 @@ def pretext_cfg(**kwargs) -> dict:
     }
 
 
-class PixelReconstruction:
+class PixelReconstruction(PretextModel):
     """What the pixel-reconstruction models (late and early mask) share, mixed into a timm `VisionTransformer`:
     the MAE loss, and the description of the encoder that export needs.
 
@@ -87,7 +88,10 @@ class PixelReconstruction:
     ``encoder_layout`` (cls token, pooling) to the values a timm `VisionTransformer` needs to hold the encoder.
     """
 
+    predicts_pixels = True
+    takes_mask_ratio = True
     encoder_layout: dict
+    norm_pix_loss: bool  # the one switch of the loss target: per-patch normalised pixels (True) or raw pixels
 
     def record_encoder_args(self, vit_kwargs: dict, **sizes) -> None:
         self._encoder_args = dict(sizes, **{k: v for k, v in vit_kwargs.items() if k in ENCODER_ARCH_KEYS})

@@ -21,6 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from mae_timm.layers import gather_tokens, get_2d_sincos_pos_embed, resample_pos_embed, restore_tokens
+from mae_timm.models.base import ReconstructionOutput
 from mae_timm.models.common import PixelReconstruction, init_linear_and_norm, mask_ids_for, pretext_cfg
 
 __all__ = ["MaskedAutoencoderViT", "checkpoint_filter_fn"]
@@ -136,12 +137,12 @@ class MaskedAutoencoderViT(PixelReconstruction, VisionTransformer):
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L))."""
+    ) -> ReconstructionOutput:
+        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L)), a named tuple."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
+        return ReconstructionOutput(loss, pred, mask)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm `VisionTransformer` names (the same as the official ones)."""

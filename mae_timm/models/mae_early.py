@@ -25,6 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from mae_timm.layers import get_2d_sincos_pos_embed
+from mae_timm.models.base import ReconstructionOutput
 from mae_timm.models.common import PixelReconstruction, init_linear_and_norm, mask_ids_for, pretext_cfg
 
 __all__ = ["EarlyMaskViT"]
@@ -134,12 +135,12 @@ class EarlyMaskViT(PixelReconstruction, VisionTransformer):
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L))."""
+    ) -> ReconstructionOutput:
+        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L)), a named tuple."""
         latent, mask = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent)
         loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
+        return ReconstructionOutput(loss, pred, mask)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Patch embedding, position table, blocks and final norm under timm `VisionTransformer` names."""
