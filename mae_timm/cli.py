@@ -4,6 +4,9 @@ Each subcommand lives in its own module under ``mae_timm/commands/`` and provide
 ``add_arguments(parser, name)`` and ``run(args, name) -> int`` (``name`` is the subcommand, so one module can
 serve several, as ``evaluate`` does for knn / linprobe / finetune). Modules are imported only when their
 subcommand runs, so ``mae-timm --help`` stays fast and optional extras stay optional.
+
+This is the one place that turns errors a user can cause (``UserError`` and other ``ValueError``s, a missing or
+clashing file, a non-finite loss) into one line on stderr and exit code 2; commands let them propagate.
 """
 
 from __future__ import annotations
@@ -57,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = _load(COMMANDS[args.command][0])
+    from mae_timm.engine.runtime import NonFiniteLossError
+
     try:
         return int(module.run(args, args.command) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # errors a user can cause (bad settings, missing or clashing files) are one line, not a traceback
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+        # errors a user can cause (bad settings, missing or clashing files, a diverged run) are one line
         print(f"mae-timm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -41,7 +41,9 @@ class DemoConfig:
         )
     )
     blr: float = 1e-3  # above the paper's 1.5e-4: a run of a few hundred steps has to move fast
-    warmup_epochs: int = 1  # one epoch is TRAIN_IMAGES // batch_size updates
+    # None: one epoch (TRAIN_IMAGES // batch_size updates) when the run is longer than that, else none; a value
+    # given must be below the run's epochs (the one warmup rule, mae_timm.engine.runtime.check_warmup)
+    warmup_epochs: int | None = None
     device: str = "auto"  # auto: cuda when available, else cpu
     num_workers: int = 2  # loader processes
     seed: int = 0
@@ -56,7 +58,7 @@ def _pretrain_config(cfg: DemoConfig, run_dir: Path, shard_dir: Path) -> Pretrai
         img_size=cfg.model_kwargs["img_size"],
         batch_size=cfg.batch_size,
         epochs=epochs,
-        warmup_epochs=min(cfg.warmup_epochs, epochs - 1),
+        warmup_epochs=int(epochs > 1) if cfg.warmup_epochs is None else cfg.warmup_epochs,
         max_steps=cfg.steps,
         blr=cfg.blr,
         device=cfg.device,

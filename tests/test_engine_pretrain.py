@@ -33,6 +33,8 @@ from mae_timm.engine.checkpoint import (
 )
 from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args, load_config, save_config
 from mae_timm.engine.pretrain import pretrain, update_batches
+from mae_timm.engine.run_output import MetricsLog
+from mae_timm.models.base import PretextModel
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -166,18 +168,19 @@ def test_fresh_run_refuses_a_used_folder(reference, shards, capsys):
     out, _ = reference
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     options = ["pretrain", "--model", "mae_vit_test", "--data", str(shards), "--no-progress", "--out", str(out)]
-    assert cli.main(options) == 1
+    assert cli.main(options) == 2  # the CLI's code for errors a user can cause
     assert capsys.readouterr().err == (
-        f"error: {out} already holds checkpoints of a run: pass --resume auto to continue it or choose a new --out\n"
+        f"mae-timm pretrain: error: {out} already holds checkpoints of a run: pass --resume auto to continue it or "
+        "choose a new --out\n"
     )
     # going on from an earlier checkpoint in the same folder would leave the later ones for --resume auto to pick
-    assert cli.main([*options, "--resume", str(checkpoint_path(out, 16))]) == 1
+    assert cli.main([*options, "--resume", str(checkpoint_path(out, 16))]) == 2
     assert "holds checkpoints after step 16" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
 
 
 def test_warmup_must_end_before_the_last_epoch(shards, tmp_path):
-    with pytest.raises(ValueError, match="--warmup-epochs 3 must be at least 0 and below --epochs 3"):
+    with pytest.raises(ValueError, match="warmup of 3 epochs must be at least 0 and below the 3 epochs"):
         pretrain(small_config(tmp_path / "run", shards, warmup_epochs=3))
     assert not (tmp_path / "run").exists()
 
@@ -259,26 +262,28 @@ def test_resume_after_kill9_reproduces_losses(hook, kill_step, num_workers, last
 
 def test_sigterm_saves_and_exits_cleanly(reference, shards, tmp_path, monkeypatch):
     _, expected = reference
-    log = pretrain_module.MetricsLog.log
+    log = MetricsLog.log
 
     def log_then_sigterm(self, record):
         log(self, record)
         if record["step"] == 5:  # no checkpoint is due at 6 (every 5 updates and at epoch ends, 8 updates)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(pretrain_module.MetricsLog, "log", log_then_sigterm)
+    monkeypatch.setattr(MetricsLog, "log", log_then_sigterm)
     result = pretrain(small_config(tmp_path, shards))
     # the ranks agree on stopping in the update's all-reduce, so a signal after update 5 stops after update 6
     assert result.interrupted and result.step == 6
     assert load_checkpoint(result.checkpoint)["step"] == 6 and result.checkpoint == checkpoint_path(tmp_path, 6)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(pretrain_module.MetricsLog, "log", log)
+    monkeypatch.setattr(MetricsLog, "log", log)
     pretrain(small_config(tmp_path, shards, resume="auto"))
     assert read_losses(tmp_path) == expected
 
 
-class NanAfter(nn.Module):
+class NanAfter(PretextModel, nn.Module):
     """mae_vit_test whose loss turns NaN from the ``bad_call``-th forward on."""
+
+    predicts_pixels = takes_mask_ratio = True
 
     def __init__(self, model: nn.Module, bad_call: int):
         super().__init__()
@@ -287,17 +292,17 @@ class NanAfter(nn.Module):
 
     def forward(self, imgs, mask_ratio: float = 0.75):
         self.calls += 1
-        loss, pred, mask = self.model(imgs, mask_ratio=mask_ratio)
-        return (loss * float("nan") if self.calls >= self.bad_call else loss), pred, mask
+        out = self.model(imgs, mask_ratio=mask_ratio)
+        return out._replace(loss=out.loss * float("nan") if self.calls >= self.bad_call else out.loss)
 
 
 def test_non_finite_loss_stops_naming_the_step(shards, tmp_path, monkeypatch, capsys):
     build = pretrain_module.build_model
-    monkeypatch.setattr(pretrain_module, "build_model", lambda cfg: (NanAfter(build(cfg)[0], 5), {}))
+    monkeypatch.setattr(pretrain_module, "build_model", lambda *args: (NanAfter(build(*args)[0], 5), {}))
     rc = cli.main(["pretrain", "--model", "mae_vit_test", "--data", str(shards), "--batch-size", "4",
                    "--num-workers", "0", "--save-every-steps", "2", "--no-tensorboard", "--no-progress",
                    "--viz-every-epochs", "0", "--out", str(tmp_path)])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "loss is nan at step 5" in err and str(checkpoint_path(tmp_path, 4)) in err
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "checkpoint-0000004.pt"  # the last good one stays
@@ -338,19 +343,20 @@ import torch.distributed as dist
 import mae_timm.engine.pretrain as pretrain_module
 from mae_timm.engine.config import PretrainConfig
 
-trainers = []
-build_trainer = pretrain_module._build_trainer
-def keep_trainer(*args, **kwargs):
-    trainers.append(build_trainer(*args, **kwargs))
-    return trainers[-1]
-pretrain_module._build_trainer = keep_trainer
+models = []
+build_model = pretrain_module.build_model
+def keep_model(*args):
+    model, model_kwargs = build_model(*args)
+    models.append(model)
+    return model, model_kwargs
+pretrain_module.build_model = keep_model
 pretrain_module.cleanup_distributed = lambda: None  # keep the process group for the second run
 shards, out = sys.argv[1:]
 settings = dict(model="mae_vit_test", data=shards, batch_size=4, epochs=1, warmup_epochs=0, num_workers=1,
                 tensorboard=False, progress=False, viz_every_epochs=0, out=out)
 pretrain_module.pretrain(PretrainConfig(**settings, max_steps=2))
 pretrain_module.pretrain(PretrainConfig(**settings, resume="auto"))
-torch.save(trainers[-1].model.state_dict(), f"{out}/rank{dist.get_rank()}-weights.pt")
+torch.save(models[-1].state_dict(), f"{out}/rank{dist.get_rank()}-weights.pt")
 dist.destroy_process_group()
 """
 

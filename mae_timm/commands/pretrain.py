@@ -7,7 +7,6 @@ options. Under ``torchrun --nproc-per-node N`` it runs data-parallel.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args
 
@@ -22,12 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace, name: str) -> int:
-    from mae_timm.engine.pretrain import NonFiniteLossError, pretrain
+    from mae_timm.engine.pretrain import pretrain
 
-    try:
-        cfg = config_from_args(PretrainConfig, args)
-        pretrain(cfg)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    pretrain(config_from_args(PretrainConfig, args))  # user errors reach mae_timm.cli: one line, exit code 2
     return 0

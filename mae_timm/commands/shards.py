@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mae_timm.data import DataError, fashion_mnist, imagefolder, tiny_imagenet, write_source
 from mae_timm.data.sources import FASHION_MNIST_ROOT
@@ -32,23 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def run(args: argparse.Namespace, name: str) -> int:
     splits = args.splits or DEFAULT_SPLITS[args.source]
     splits = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
-    try:
-        if args.source == "tiny-imagenet":
-            if not args.src:
-                raise DataError("tiny-imagenet needs --src (the zip, its extracted folder, or a URL)")
-            data = tiny_imagenet(args.src, splits, md5=args.md5, download_dir=args.download_dir,
-                                 progress=not args.quiet)
-        elif args.source == "imagefolder":
-            if not args.src:
-                raise DataError("imagefolder needs --src (root/<split>/<class>/<image> or root/<class>/<image>)")
-            data = imagefolder(args.src, splits)
-        else:
-            data = fashion_mnist(args.src or FASHION_MNIST_ROOT, splits, limit=args.limit)
-        info = write_source(args.out, data, shard_size=args.shard_size, min_shards=args.min_shards, seed=args.seed,
-                            progress=not args.quiet)
-    except DataError as exn:
-        print(f"mae-timm {name}: error: {exn}", file=sys.stderr)
-        return 2
+    # DataError is a ValueError: mae_timm.cli prints it as one line, exit code 2
+    if args.source == "tiny-imagenet":
+        if not args.src:
+            raise DataError("tiny-imagenet needs --src (the zip, its extracted folder, or a URL)")
+        data = tiny_imagenet(args.src, splits, md5=args.md5, download_dir=args.download_dir, progress=not args.quiet)
+    elif args.source == "imagefolder":
+        if not args.src:
+            raise DataError("imagefolder needs --src (root/<split>/<class>/<image> or root/<class>/<image>)")
+        data = imagefolder(args.src, splits)
+    else:
+        data = fashion_mnist(args.src or FASHION_MNIST_ROOT, splits, limit=args.limit)
+    info = write_source(args.out, data, shard_size=args.shard_size, min_shards=args.min_shards, seed=args.seed,
+                        progress=not args.quiet)
     for split, entry in info["splits"].items():
         print(f"{args.out}: {split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards")
     return 0

@@ -1,5 +1,7 @@
-"""The engine: settings (``config``), checkpoints (``checkpoint``), the pretraining loop (``pretrain``),
-evaluation (``evaluate``) and process-group helpers (``distributed``).
+"""The engine: settings (``config``), shared plumbing (``runtime``: user errors, devices, autocast, seeds, atomic
+files, the warmup rule), checkpoints (``checkpoint``), the pretraining loop (``pretrain``) with its run folder
+(``run_output``) and resume choice (``resume``), evaluation (``evaluate``), export (``export``) and process-group
+helpers (``distributed``).
 
 ``from mae_timm.engine.pretrain import pretrain`` runs pretraining; the function is not re-exported here, where
 it would hide its module of the same name.

@@ -18,6 +18,8 @@ import numpy as np
 import timm
 import torch
 
+from mae_timm.engine.runtime import atomic_write, fsync_dir
+
 __all__ = [
     "capture_rng_state",
     "checkpoint_path",
@@ -49,38 +51,21 @@ def list_checkpoints(run_dir: str | Path, up_to: int | None = None) -> list[Path
     return [p for step, p in sorted(found) if up_to is None or step <= up_to]
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file, fsync, rename, fsync of the folder.
+    """Write ``state`` to ``path`` with :func:`~mae_timm.engine.runtime.atomic_write` (temp file, fsync, rename).
 
     A crash at any moment leaves either the old files or the complete new one, never a truncated ``path``.
     With ``link_last``, ``last.pt`` next to it is atomically re-pointed (hard link) at the new file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     if link_last:
-        last_tmp = path.with_name(f"last.pt.{os.getpid()}.part")
+        last_tmp = path.with_name(f".last.pt.{os.getpid()}.part")
         last_tmp.unlink(missing_ok=True)
         os.link(path, last_tmp)
         os.replace(last_tmp, path.parent / "last.pt")
-    _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return path
 
 

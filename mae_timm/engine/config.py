@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from mae_timm.engine.runtime import UserError, atomic_write
+
 __all__ = ["PretrainConfig", "add_config_arguments", "config_from_args", "load_config", "save_config"]
 
 
@@ -96,7 +98,7 @@ def _coerce(name: str, tp, value):
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
-        raise ValueError(f"setting '{name}' cannot be empty")
+        raise UserError(f"setting '{name}' cannot be empty")
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -120,7 +122,7 @@ def _coerce(name: str, tp, value):
                 raise ValueError(value)
             return tuple(_coerce(name, t, v) for t, v in zip(item_types, value, strict=True))
     except (TypeError, ValueError, json.JSONDecodeError):
-        raise ValueError(f"setting '{name}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+        raise UserError(f"setting '{name}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
     raise TypeError(f"setting '{name}': unsupported type {tp}")
 
 
@@ -134,12 +136,12 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
             raise FileNotFoundError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of setting: value")
+            raise UserError(f"config file {path} must hold a mapping of setting: value")
         values.update(loaded)
     values.update(overrides or {})
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(types_)}")
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(types_)}")
     return cls(**{name: _coerce(name, types_[name], value) for name, value in values.items()})
 
 
@@ -172,4 +174,5 @@ def config_from_args(cls, args: argparse.Namespace):
 def save_config(config, path: str | Path) -> None:
     """Write ``config`` as YAML that ``load_config`` reads back to an equal object."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+    with atomic_write(path, "w") as f:
+        f.write(yaml.safe_dump(values, sort_keys=False))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mae_timm.engine.runtime import resolve_device
+
 __all__ = [
     "DistInfo",
     "all_reduce_mean",
@@ -19,7 +21,6 @@ __all__ = [
     "broadcast_object",
     "cleanup_distributed",
     "init_distributed",
-    "resolve_device",
 ]
 
 
@@ -42,26 +43,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU if CUDA is available, else the CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name} requested but CUDA is not available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group if this process was started by torchrun; pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = resolve_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)  # nccl and bare .cuda() calls use this process's GPU
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         kwargs = dict(device_id=torch_device) if backend == "nccl" else {}

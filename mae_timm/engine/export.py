@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from pathlib import Path
 
+import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 import mae_timm
+from mae_timm.engine.runtime import UserError, atomic_write
 
 __all__ = ["TIMM_ARCHITECTURES", "timm_architecture", "create_model_line", "export_safetensors"]
 
@@ -73,15 +73,15 @@ def create_model_line(arch: str, kwargs: dict, checkpoint_path: str | Path) -> s
 def export_safetensors(model: nn.Module, path: str | Path, *, source: dict | None = None) -> tuple[str, dict]:
     """Write ``model``'s encoder to ``path`` (.safetensors) and check that timm loads it to identical features.
 
-    The file is written beside ``path`` under a temporary name and renamed only once the check passes; a failed
-    check raises ``ValueError`` and leaves ``path`` as it was.
+    The file is written beside ``path`` under a temporary name (``runtime.atomic_write``) and renamed only once
+    the check passes; a failed check raises ``ValueError`` and leaves ``path`` as it was.
 
     ``source`` (e.g. checkpoint path, model name, step) is recorded in the metadata. Returns the timm
     architecture name and the kwargs for ``timm.create_model`` (besides ``num_classes=0``, ``checkpoint_path``).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"export writes safetensors; name the output *.safetensors, not {path.name}")
+        raise UserError(f"export writes safetensors; name the output *.safetensors, not {path.name}")
     full_kwargs = mae_timm.encoder_kwargs(model)
     arch, kwargs = timm_architecture({k: v for k, v in full_kwargs.items() if k != "num_classes"})
     state = {k: v.detach().cpu().contiguous() for k, v in mae_timm.export_encoder(model).items()}
@@ -95,14 +95,11 @@ def export_safetensors(model: nn.Module, path: str | Path, *, source: dict | Non
         "mae_timm_version": mae_timm.__version__,
         "source": json.dumps(source or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial.safetensors")  # timm reads it by the suffix
-    try:
-        save_file(state, str(partial), metadata=metadata)
-        _check_loads(model, arch, kwargs, partial)
-        os.replace(partial, path)  # only a checked file ever carries the name
-    finally:
-        partial.unlink(missing_ok=True)
+    data = safetensors.torch.save(state, metadata=metadata)
+    with atomic_write(path, suffix=".safetensors") as f:  # only a checked file ever carries the name
+        f.write(data)
+        f.flush()
+        _check_loads(model, arch, kwargs, Path(f.name))
     return arch, kwargs
 
 

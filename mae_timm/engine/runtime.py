@@ -1,8 +1,8 @@
 """Plumbing every stage shares, written once: user errors, devices, autocast, seeds, atomic files, warmup.
 
 * :class:`UserError` is what a user can cause (a bad setting, a missing or clashing file); the CLI is the one
-  place that turns it (and ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError``) into one line and exit
-  code 2.
+  place that turns it (and ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` /
+  :class:`NonFiniteLossError`) into one line and exit code 2.
 * Devices: ``auto`` means this process's GPU when CUDA is available, else the CPU; asking for CUDA on a machine
   without it fails at once.
 * Precision: ``auto`` is bf16 autocast on CUDA and fp32 elsewhere.
@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "PRECISIONS",
+    "NonFiniteLossError",
     "UserError",
     "atomic_write",
     "autocast",
@@ -43,8 +44,13 @@ class UserError(ValueError):
     """A mistake the user can fix; the CLI prints it as one line and exits with code 2."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving (the CLI: one line, exit code 2)."""
+
+
 def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` / None -> this process's GPU if CUDA is available, else the CPU; otherwise ``torch.device(name)``.
+    """``auto`` / None -> this process's GPU if CUDA is available, else the CPU; otherwise ``torch.device(name)``,
+    a bare ``cuda`` meaning this process's GPU (``cuda:local_rank``).
 
     Raises UserError for an unknown name or for CUDA on a machine without it (before any work is done).
     """
@@ -56,6 +62,8 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
         raise UserError(f"device {name!r} is unknown; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -102,15 +110,17 @@ def fsync_dir(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
+def atomic_write(path: str | Path, mode: str = "wb", suffix: str = "") -> Iterator:
     """Open a temp file beside ``path``; on a clean exit it is flushed, fsynced and renamed to ``path``.
 
     A crash (or an exception) at any moment leaves either the old file or the complete new one, never a
-    truncated ``path``; the temp file ``.<name>.<pid>.part`` is removed on an exception. A full disk or an
-    unwritable folder raises UserError naming the file.
+    truncated ``path``; the temp file ``.<name>.<pid>.part<suffix>`` is removed on an exception, so the block
+    may check the written file (``f.name``) and raise to keep ``path`` as it was. ``suffix`` serves readers that
+    go by the file's ending (timm loads ``*.safetensors``). A full disk or an unwritable folder raises UserError
+    naming the file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part{suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode) as f:
