@@ -129,12 +129,18 @@ def atomic_write(path: str | Path, mode: str = "wb", suffix: str = "") -> Iterat
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    """Delete ``path`` if it is there (it may never have been created, e.g. below a file)."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def check_warmup(warmup: int, total: int, unit: str = "epochs") -> int:
