@@ -27,114 +27,24 @@ import logging
 import math
 import os
 import random
-import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys
 
 from mae_timm.data.decode import DECODE_ERRORS, center_crop, decode_sample
-from mae_timm.data.shards import INFO_NAME, read_info
+from mae_timm.data.shard_set import ShardSet, resolve_shards, shards_for_reader
 from mae_timm.data.sources import DataError
 from mae_timm.data.tar_reader import DamagedShard, tar_members
 
-__all__ = [
-    "ShardLoader",
-    "ShardSet",
-    "create_loader",
-    "resolve_shards",
-    "shards_for_reader",
-]
+__all__ = ["ShardLoader", "create_loader"]
 
 _logger = logging.getLogger(__name__)
 
 MAX_READERS = 1024  # rows of the shared error-count table (rank-local workers)
-
-
-@dataclass
-class ShardSet:
-    """The shards of one split: urls, their sample counts when known, and the dataset's metadata."""
-
-    urls: list[str]
-    shard_lengths: list[int] | None  # None when the shards came without an _info.json
-    num_samples: int | None
-    info: dict = field(default_factory=dict)  # the _info.json, {} without one
-
-
-def _local_path(url: str) -> str | None:
-    """The file path of a local url (plain path or file://), None for remote ones."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "file":
-        return urllib.parse.unquote(parsed.path)
-    if parsed.scheme in ("", ) or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
-        return url
-    return None
-
-
-def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, dict]:
-    """Shard lengths of local shard urls from an _info.json beside them, if one lists them all."""
-    paths = [_local_path(u) for u in urls]
-    folders = {os.path.dirname(p) for p in paths if p is not None}
-    if None in paths or len(folders) != 1 or not os.path.isfile(os.path.join(folders.pop() or ".", INFO_NAME)):
-        return None, {}
-    info = read_info(os.path.dirname(paths[0]) or ".")
-    lengths = {}
-    for split in info.get("splits", {}).values():
-        lengths.update(zip(split["filenames"], split["shard_lengths"]))
-    names = [os.path.basename(p) for p in paths]
-    if not all(n in lengths for n in names):
-        return None, info
-    return [lengths[n] for n in names], info
-
-
-def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
-    """The shards of ``split``: ``source`` is a shard directory (with _info.json), a brace pattern, or a list of
-    urls. Local shards that are missing or an empty pattern raise :class:`DataError` here, before any work."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        info = read_info(source)
-        splits = info.get("splits", {})
-        if split not in splits:
-            raise DataError(f"{source} has no split {split!r} (it has {sorted(splits)}); write it with mae-timm shards")
-        entry = splits[split]
-        urls = [os.path.join(str(source), name) for name in entry["filenames"]]
-        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info)
-    else:
-        urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]
-        lengths, info = _lengths_from_info(urls) if urls else (None, {})
-        shard_set = ShardSet(urls, lengths, num_samples or (sum(lengths) if lengths else None), info)
-    if not shard_set.urls:
-        raise DataError(f"no shards in {source!r} for split {split!r}")
-    missing = [u for u in shard_set.urls if (p := _local_path(u)) is not None and not os.path.isfile(p)]
-    if missing:
-        raise DataError(f"{len(missing)} of {len(shard_set.urls)} shards are missing, first {missing[0]}")
-    return shard_set
-
-
-def shards_for_reader(
-    urls: Sequence[str],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
-    shuffle: bool,
-    repetition: int = 0,
-) -> list[str]:
-    """The shards one reader (``worker`` of ``num_workers`` on ``rank`` of ``world_size``) reads in one pass.
-
-    All readers shuffle the full list with the same ``(seed, epoch, repetition)`` before taking their slice, so
-    the readers of one pass get disjoint shards that together cover the list.
-    """
-    order = list(urls)
-    if shuffle:
-        random.Random(f"shards-{seed}-{epoch}-{repetition}").shuffle(order)
-    return order[rank::world_size][worker::num_workers]
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,8 +299,8 @@ def create_loader(
         batches = _eval_batches(shard_set, batch_size, rank, world_size, readers)
     errors = torch.zeros(MAX_READERS, 2, dtype=torch.int64).share_memory_()
     stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
-                     world_size=world_size, resampled=resampled, crop_pct=crop_pct, shuffle_buffer=shuffle_buffer, errors=errors,
-                     batches_per_worker=batches_per_worker, epoch=epoch)
+                     world_size=world_size, resampled=resampled, crop_pct=crop_pct, shuffle_buffer=shuffle_buffer,
+                     errors=errors, batches_per_worker=batches_per_worker, epoch=epoch)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ShardLoader(stream, shard_set, num_workers, pin_memory, batches)

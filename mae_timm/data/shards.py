@@ -123,8 +123,8 @@ def write_shards(
 
     ``classes``: dicts ``{'index', 'id', 'name'}`` or plain names (index = position). Splits named in
     ``SHUFFLED_SPLITS`` are shuffled with ``seed`` first. Shards already complete are kept; temp files
-    (``.<shard>.<pid>.part``) left by a killed run are removed. Splits in an existing ``_info.json`` that are not written
-    now are kept. Returns the info dict.
+    (``.<shard>.<pid>.part``) left by a killed run are removed. Splits in an existing ``_info.json`` that are
+    not written now are kept. Returns the info dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
