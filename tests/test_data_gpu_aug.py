@@ -54,13 +54,12 @@ def test_boxes_inside_image_and_in_scale(height, width):
     assert area.max() <= 1 + 1e-5 and area.min() >= 0.2 - 1e-5
 
 
-def test_loader_with_crop_on_device(tmp_path, device):
+def test_loader_batches_feed_the_device_crop(tmp_path, device):
     from fakes import make_shards
 
     from mae_timm.data import create_loader
 
-    loader = create_loader(make_shards(tmp_path), "train", 8, train=True, img_size=32, num_workers=0,
-                           crop_on_device=True)
+    loader = create_loader(make_shards(tmp_path), "train", 8, train=True, img_size=32, num_workers=0)
     images, labels = next(iter(loader))
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
     out = GpuAugment(img_size=24, random_crop=True).to(device)(images.to(device))

@@ -2,7 +2,6 @@
 
 import io
 import logging
-import random
 import shutil
 import tarfile
 
@@ -10,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fakes import make_shards, make_tiny_imagenet_zip
-from hypothesis import given
-from hypothesis import strategies as st
-from webdataset import TarWriter
+from PIL import Image
 
 from mae_timm.data import (
     DataError,
@@ -24,7 +21,7 @@ from mae_timm.data import (
     write_shards,
     write_source,
 )
-from mae_timm.data.loader import DamagedShard, center_crop_box, decode_sample, random_resized_crop_box, tar_members
+from mae_timm.data.decode import center_crop, center_crop_box, decode_sample
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +95,34 @@ def test_loader_ranks_and_workers_read_disjoint_covering_passes(unique_shards):
     first_passes, counts = [], []
     for rank in range(2):
         loader = create_loader(unique_shards, "train", 6, train=True, img_size=16, num_workers=2, rank=rank,
-                               world_size=2, crop_on_device=True)
+                               world_size=2)
         batches = [labels for _, labels in loader]
         counts.append((len(loader), len(batches)))
         for worker in range(2):  # the DataLoader takes batches from its workers in turn
             first_passes.append(torch.cat(batches[worker::2])[:16].tolist())
     assert counts == [(6, 6), (6, 6)]
     assert sorted(sum(first_passes, [])) == list(range(64))  # each sample once across the readers' first passes
+
+
+def test_train_batches_are_decoded_central_squares_without_augmentation(unique_shards, tmp_path):
+    """The workers draw no crop or flip: a training image is its sample's decoded central square, as evaluation
+    decodes it (the random crop + flip are GpuAugment's)."""
+    loader = create_loader(unique_shards, "train", 8, train=True, img_size=12, num_workers=0, seed=5)
+    images, labels, _ = collect(loader)
+    reference, reference_labels, _ = collect(create_loader(unique_shards, "train", 8, train=False, img_size=12,
+                                                           crop_pct=1.0, num_workers=0))
+    by_label = dict(zip(reference_labels.tolist(), reference))
+    assert len(set(labels.tolist())) == len(labels) == 64
+    assert all(torch.equal(image, by_label[label]) for image, label in zip(images, labels.tolist()))
+    tall = tmp_path / "tall"  # a non-square image: training keeps its whole central square, resized
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    write_shards(tall, {"train": [Sample(key="t", image=buffer.getvalue(), ext="png", cls=0)]}, ["a"],
+                 min_shards=1, progress=False)
+    image = next(iter(create_loader(tall, "train", 1, train=True, img_size=10, num_workers=0)))[0][0]
+    expected = center_crop(Image.fromarray(pixels), 10, crop_pct=1.0)
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
 
 
 def test_epoch_fills_its_batches_across_passes(shards):
@@ -206,75 +224,6 @@ def test_url_list_finds_info_beside_shards(shards):
     assert loader.num_samples == 64 and len(loader) == len(list(loader)) == 16
 
 
-@given(width=st.integers(1, 300), height=st.integers(1, 300), seed=st.integers(0, 2**32))
-def test_random_resized_crop_box_inside_image(width, height, seed):
-    left, top, crop_w, crop_h = random_resized_crop_box(width, height, random.Random(seed))
-    assert 0 <= left and 0 <= top and 0 < crop_w and 0 < crop_h
-    assert left + crop_w <= width and top + crop_h <= height
-
-
 def test_center_crop_box():
     assert center_crop_box(64, 64, 1.0) == (0, 0, 64, 64)
     assert center_crop_box(100, 50, 0.5) == (37.5, 12.5, 62.5, 37.5)
-
-
-@pytest.fixture(scope="module")
-def shard_path(shards):
-    return shards / read_info(shards)["splits"]["train"]["filenames"][0]
-
-
-def stdlib_members(data):
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
-
-
-def test_tar_members_match_stdlib(shard_path):
-    shard_bytes = shard_path.read_bytes()
-    assert list(tar_members(shard_bytes)) == stdlib_members(shard_bytes)
-
-
-@given(cut=st.integers(0, 10_000), pax=st.booleans())
-def test_tar_members_of_truncated_shard_are_a_prefix(shard_path, pax_shard, cut, pax):
-    shard_bytes = pax_shard if pax else shard_path.read_bytes()
-    members = []
-    with pytest.raises(DamagedShard):
-        for member in tar_members(shard_bytes[:cut]):
-            members.append(member)
-    complete = stdlib_members(shard_bytes)
-    assert members == complete[: len(members)]
-
-
-def test_tar_members_detects_bad_header_and_reads_long_names(shard_path):
-    shard_bytes = shard_path.read_bytes()
-    damaged = bytearray(shard_bytes)
-    damaged[1024 + 10] ^= 0xFF  # the name in the second header (the first member, a .cls, fills one block)
-    with pytest.raises(DamagedShard, match="checksum"):
-        list(tar_members(bytes(damaged)))
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        info = tarfile.TarInfo("d" * 120 + "/key.cls")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"7"))
-    assert list(tar_members(buffer.getvalue())) == [("d" * 120 + "/key.cls", b"7")]
-
-
-@pytest.fixture(scope="module")
-def pax_shard():
-    """A shard whose third and fifth samples have pax headers (webdataset's writer: non-ASCII, > 100-byte names)."""
-    buffer = io.BytesIO()
-    with TarWriter(buffer, encoder=False, mtime=0) as sink:
-        for key in ("a0", "a1", "café2", "a3", "b" * 120 + "4", "a5"):
-            sink.write({"__key__": key, "cls": key.encode(), "png": b"x" * 600})
-    return buffer.getvalue()
-
-
-def test_tar_members_reads_pax_and_gnu_long_names_mid_shard(pax_shard):
-    assert list(tar_members(pax_shard)) == stdlib_members(pax_shard)
-    assert len(stdlib_members(pax_shard)) == 12
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name in ("a0.cls", "d" * 120 + ".cls", "a2.cls"):
-            info = tarfile.TarInfo(name)
-            info.size = 3
-            tar.addfile(info, io.BytesIO(name[:3].encode()))
-    assert list(tar_members(buffer.getvalue())) == stdlib_members(buffer.getvalue())

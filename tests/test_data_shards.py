@@ -128,9 +128,12 @@ def test_recovery_from_interrupted_and_damaged_shards(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Interrupted):  # the 13th read is the 3rd sample of the third shard (5, 5, 5, 5)
         write_shards(out, {"train": FailingAfter(samples, 12)}, ["a", "b", "c"], min_shards=4, progress=False)
-    assert list(out.glob("*.part"))  # a half-written shard was left behind under its temporary name
+    assert not list(out.glob("*.part"))  # an exception removes the half-written shard's temp file
     complete = sorted(out.glob("*.tar"))
     assert len(complete) == 2
+    # what kill -9 leaves mid-write: temp files of another process, removed by the rerun
+    (out / ".train-000002.tar.4242.part").write_bytes(b"half a shard")
+    (out / "._info.json.4242.part").write_text("{")
     # a shard truncated by something else (disk full, copy) is detected too
     damaged = complete[0]
     damaged.write_bytes(damaged.read_bytes()[:700])

@@ -1,10 +1,12 @@
-"""The data path: sources -> WebDataset shards -> streaming loader -> device-side augmentation.
+"""The data path: sources -> WebDataset shards -> streaming loader (decode only) -> device-side augmentation.
 
 See docs/data.md. Independent of the models: nothing here imports ``mae_timm.models``.
 """
 
+from mae_timm.data.decode import center_crop, decode_sample
 from mae_timm.data.gpu_aug import GpuAugment, random_resized_crop_boxes
-from mae_timm.data.loader import ShardLoader, create_loader, resolve_shards, shards_for_reader
+from mae_timm.data.loader import ShardLoader, create_loader
+from mae_timm.data.shard_set import resolve_shards, shards_for_reader
 from mae_timm.data.shards import file_digest, read_info, write_shards, write_source
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData, fashion_mnist, imagefolder, read_idx
 from mae_timm.data.tiny_imagenet import TINY_IMAGENET_MD5, TINY_IMAGENET_URL, download, tiny_imagenet
@@ -18,7 +20,9 @@ __all__ = [
     "SampleList",
     "ShardLoader",
     "SourceData",
+    "center_crop",
     "create_loader",
+    "decode_sample",
     "download",
     "fashion_mnist",
     "file_digest",

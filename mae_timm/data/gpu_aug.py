@@ -1,8 +1,8 @@
 """Device-side augmentation: uint8 batches from the loader -> normalised float batches for the model.
 
 Normalisation always happens here, so workers ship 1 byte per pixel instead of 4. With ``random_crop=True``,
-RandomResizedCrop + horizontal flip also happen here, batched into one ``grid_sample`` (bilinear), and the CPU
-workers only decode (``create_loader(..., crop_on_device=True)``).
+RandomResizedCrop + horizontal flip also happen here, batched into one ``grid_sample`` (bilinear): this is the
+project's one random resized crop (the loader's workers only decode, see ``mae_timm.data.decode``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""Stream WebDataset shards into uint8 image batches: shards -> samples -> decode -> crop -> batch, in workers.
+"""Stream WebDataset shards into uint8 image batches: shards -> samples -> decode -> batch, in workers.
 
 Reading order per epoch (every stage seeded from ``(seed, epoch)`` and, below the shard split, the reader)::
 
     shard list --shuffle(seed, epoch, pass)--> rank's shards --> worker's shards   (or: resampled with replacement)
-      --> tar samples --shuffle buffer--> decode to RGB --> crop (+ flip) --> batch --> (N, 3, H, W) uint8, (N,) int64
+      --> tar samples (tar_reader) --shuffle buffer--> decode to RGB, central square at img_size (decode)
+      --> batch --> (N, 3, img_size, img_size) uint8, (N,) int64
+
+The workers draw no augmentation: the random resized crop + flip are :class:`mae_timm.data.GpuAugment`'s, one
+batched op on the device.
 
 Training epochs hold exactly ``len(loader)`` batches on every rank, so DDP ranks never wait on each other: each
 worker reads pass after pass over its shards (a new shard order each pass; samples short of a batch at the end of
@@ -18,186 +22,29 @@ names none, are reported before any worker starts.
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
 import os
 import random
-import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
-from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys
 
-from mae_timm.data.shards import INFO_NAME, read_info
+from mae_timm.data.decode import DECODE_ERRORS, center_crop, decode_sample
+from mae_timm.data.shard_set import ShardSet, resolve_shards, shards_for_reader
 from mae_timm.data.sources import DataError
+from mae_timm.data.tar_reader import DamagedShard, tar_members
 
-__all__ = [
-    "ShardLoader",
-    "ShardSet",
-    "create_loader",
-    "decode_sample",
-    "center_crop_box",
-    "random_resized_crop_box",
-    "resolve_shards",
-    "shards_for_reader",
-]
+__all__ = ["ShardLoader", "create_loader"]
 
 _logger = logging.getLogger(__name__)
 
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-# what a broken image raises in PIL (truncated data, bad header, missing field, absurd size)
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, KeyError, Image.DecompressionBombError)
 MAX_READERS = 1024  # rows of the shared error-count table (rank-local workers)
-
-
-@dataclass
-class ShardSet:
-    """The shards of one split: urls, their sample counts when known, and the dataset's metadata."""
-
-    urls: list[str]
-    shard_lengths: list[int] | None  # None when the shards came without an _info.json
-    num_samples: int | None
-    info: dict = field(default_factory=dict)  # the _info.json, {} without one
-
-
-def _local_path(url: str) -> str | None:
-    """The file path of a local url (plain path or file://), None for remote ones."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "file":
-        return urllib.parse.unquote(parsed.path)
-    if parsed.scheme in ("", ) or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
-        return url
-    return None
-
-
-def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, dict]:
-    """Shard lengths of local shard urls from an _info.json beside them, if one lists them all."""
-    paths = [_local_path(u) for u in urls]
-    folders = {os.path.dirname(p) for p in paths if p is not None}
-    if None in paths or len(folders) != 1 or not os.path.isfile(os.path.join(folders.pop() or ".", INFO_NAME)):
-        return None, {}
-    info = read_info(os.path.dirname(paths[0]) or ".")
-    lengths = {}
-    for split in info.get("splits", {}).values():
-        lengths.update(zip(split["filenames"], split["shard_lengths"]))
-    names = [os.path.basename(p) for p in paths]
-    if not all(n in lengths for n in names):
-        return None, info
-    return [lengths[n] for n in names], info
-
-
-def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
-    """The shards of ``split``: ``source`` is a shard directory (with _info.json), a brace pattern, or a list of
-    urls. Local shards that are missing or an empty pattern raise :class:`DataError` here, before any work."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        info = read_info(source)
-        splits = info.get("splits", {})
-        if split not in splits:
-            raise DataError(f"{source} has no split {split!r} (it has {sorted(splits)}); write it with mae-timm shards")
-        entry = splits[split]
-        urls = [os.path.join(str(source), name) for name in entry["filenames"]]
-        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info)
-    else:
-        urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]
-        lengths, info = _lengths_from_info(urls) if urls else (None, {})
-        shard_set = ShardSet(urls, lengths, num_samples or (sum(lengths) if lengths else None), info)
-    if not shard_set.urls:
-        raise DataError(f"no shards in {source!r} for split {split!r}")
-    missing = [u for u in shard_set.urls if (p := _local_path(u)) is not None and not os.path.isfile(p)]
-    if missing:
-        raise DataError(f"{len(missing)} of {len(shard_set.urls)} shards are missing, first {missing[0]}")
-    return shard_set
-
-
-def shards_for_reader(
-    urls: Sequence[str],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
-    shuffle: bool,
-    repetition: int = 0,
-) -> list[str]:
-    """The shards one reader (``worker`` of ``num_workers`` on ``rank`` of ``world_size``) reads in one pass.
-
-    All readers shuffle the full list with the same ``(seed, epoch, repetition)`` before taking their slice, so
-    the readers of one pass get disjoint shards that together cover the list.
-    """
-    order = list(urls)
-    if shuffle:
-        random.Random(f"shards-{seed}-{epoch}-{repetition}").shuffle(order)
-    return order[rank::world_size][worker::num_workers]
-
-
-def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)
-) -> tuple[int, int, int, int]:
-    """A random crop ``(left, top, crop_width, crop_height)`` covering ``scale`` of the area with aspect in
-    ``ratio`` (log-uniform); after 10 misses, the largest central crop whose aspect fits ``ratio``."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        crop_w = round(math.sqrt(target_area * aspect))
-        crop_h = round(math.sqrt(target_area / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            return rng.randint(0, width - crop_w), rng.randint(0, height - crop_h), crop_w, crop_h
-    aspect = width / height
-    if aspect < ratio[0]:
-        crop_w, crop_h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        crop_w, crop_h = round(height * ratio[1]), height
-    else:
-        crop_w, crop_h = width, height
-    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
-
-
-def center_crop_box(width: int, height: int, crop_pct: float) -> tuple[float, float, float, float]:
-    """The central square ``(left, top, right, bottom)`` that resize-shorter-side-to-``size / crop_pct`` followed
-    by center-crop-to-``size`` keeps, in input pixels."""
-    side = min(width, height) * crop_pct
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
-
-
-def decode_sample(sample: dict) -> tuple[Image.Image, int]:
-    """A tar sample as an RGB image (grayscale and palette images converted) and its class (-1: unlabeled)."""
-    data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
-    if data is None:
-        raise KeyError(f"no image field ({'/'.join(IMAGE_FIELDS)}) in sample")
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image, int(sample["cls"]) if "cls" in sample else -1
-
-
-def train_crop(image: Image.Image, img_size: int, rng: random.Random, scale=(0.2, 1.0)) -> np.ndarray:
-    """RandomResizedCrop (bicubic) + horizontal flip: RGB image -> (img_size, img_size, 3) uint8."""
-    left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, rng, scale)
-    out = image.resize((img_size, img_size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
-    if rng.random() < 0.5:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
-
-
-def eval_crop(image: Image.Image, img_size: int, crop_pct: float) -> np.ndarray:
-    """Resize the shorter side to ``img_size / crop_pct`` and take the central square (bicubic): -> (S, S, 3)."""
-    box = center_crop_box(image.width, image.height, crop_pct)
-    if image.size == (img_size, img_size) and box == (0, 0, img_size, img_size):
-        return np.asarray(image)
-    return np.asarray(image.resize((img_size, img_size), Image.BICUBIC, box=box))
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,80 +52,6 @@ def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.
     images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3)
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     return images.permute(0, 3, 1, 2).contiguous(), labels  # (N, 3, H, W)
-
-
-class DamagedShard(Exception):
-    """A tar shard that ends early or has a broken header."""
-
-
-def _tar_number(field: bytes) -> int:
-    """A numeric tar header field: octal text, or GNU base-256 (high bit set) for large values."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.strip(b"\0 ") or b"0", 8)
-    except ValueError:
-        raise DamagedShard(f"bad number {field!r} in a tar header") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """The ``key=value`` records of a pax extended header (each ``"<length> <key>=<value>\\n"``)."""
-    records, pos = {}, 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos)
-        digits = data[pos:space] if space > pos else b""
-        length = int(digits) if digits.isdigit() else 0
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if not 0 < space - pos < length <= len(data) - pos or (key == b"size" and not value.isdigit()):
-            raise DamagedShard(f"bad pax record {data[pos : pos + 40]!r}")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        pos += length
-    return records
-
-
-def tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of the regular files of an uncompressed tar held in memory, in order.
-
-    Reads the headers webdataset's writer emits, USTAR plus pax and GNU long names, at a fraction of the
-    stdlib's streaming ``tarfile`` cost per member (8 us against 40 us for 2 KB members on the dev machine).
-    Raises :class:`DamagedShard` where the archive is truncated, a header checksum fails or a member is stored
-    sparse, after yielding every member before that point.
-    """
-    offset = 0
-    pax_global: dict[str, str] = {}
-    extended: dict[str, str] = {}  # pax records or GNU long name for the next member
-    while offset + 512 <= len(data):
-        header = data[offset : offset + 512]
-        if header.count(0) == 512:  # end-of-archive block
-            return
-        if _tar_number(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # checksum: 8 spaces
-            raise DamagedShard(f"bad tar header checksum at byte {offset}")
-        kind = header[156:157]
-        records = {**pax_global, **extended}
-        own_size = "size" not in records or kind in (b"x", b"g", b"L", b"K")  # pax size: for the member it describes
-        size = _tar_number(header[124:136]) if own_size else int(records["size"])
-        start = offset + 512
-        if start + size > len(data):
-            raise DamagedShard(f"tar member at byte {offset} ends beyond the end of the shard ({len(data)} bytes)")
-        body = data[start : start + size]
-        if kind == b"x":
-            extended.update(_pax_records(body))
-        elif kind == b"g":
-            pax_global.update(_pax_records(body))
-        elif kind == b"L":
-            extended["path"] = body.split(b"\0", 1)[0].decode("utf-8")
-        elif kind == b"S" or any(k.startswith("GNU.sparse.") for k in records):
-            raise DamagedShard(f"sparse tar member at byte {offset}: not supported")
-        elif kind != b"K":  # K: GNU long link name, for links only
-            if kind in (b"0", b"\0", b"7"):  # regular, old regular, contiguous file
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-                if header[257:263] == b"ustar\0":  # POSIX: a prefix field (GNU keeps other fields there)
-                    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
-                    name = f"{prefix}/{name}" if prefix else name
-                yield records.get("path", name), body
-            extended = {}
-        offset = start + (size + 511) // 512 * 512
-    raise DamagedShard(f"tar ends at byte {len(data)} without its end-of-archive block")
 
 
 @dataclass
@@ -293,9 +66,7 @@ class _Stream:
     rank: int
     world_size: int
     resampled: bool
-    crop_on_device: bool  # train: only decode + fixed-size center crop here, crop + flip on the device
-    crop_pct: float
-    scale: tuple[float, float]
+    crop_pct: float  # evaluation's; training decodes the whole central square (crop_pct 1)
     shuffle_buffer: int
     errors: torch.Tensor  # (MAX_READERS, 2) shared int64 counts per worker: undecodable images, shard errors
     batches_per_worker: int | None  # training: batches per reader and epoch; None: one pass (evaluation)
@@ -345,9 +116,10 @@ class _Stream:
         initial = max(1, self.shuffle_buffer // 4)
         yield from wds.shuffle(self.shuffle_buffer, initial, rng=self._rng("samples", repetition))(samples)
 
-    def decode(self, samples: Iterator[dict], repetition: int) -> Iterator[tuple[np.ndarray, int]]:
-        """Decode and crop each sample; an image that fails to decode is counted, logged and skipped."""
-        rng = self._rng("augment", repetition)
+    def decode(self, samples: Iterator[dict]) -> Iterator[tuple[np.ndarray, int]]:
+        """Decode each sample to its central square at ``img_size``; an image that fails to decode is counted,
+        logged and skipped. No randomness: the random crop + flip are GpuAugment's, on the device."""
+        crop_pct = 1.0 if self.train else self.crop_pct
         for sample in samples:
             try:
                 image, label = decode_sample(sample)
@@ -356,17 +128,14 @@ class _Stream:
                 _logger.warning("skipped undecodable image %s in %s: %r", sample.get("__key__"),
                                 sample.get("__url__"), exn)
                 continue
-            if self.train and not self.crop_on_device:
-                yield train_crop(image, self.img_size, rng, self.scale), label
-            else:
-                yield eval_crop(image, self.img_size, 1.0 if self.train else self.crop_pct), label
+            yield center_crop(image, self.img_size, crop_pct), label
 
     def one_pass(self, urls: list[str], repetition: int) -> Iterator[tuple[np.ndarray, int]]:
-        """Cropped ``(H, W, 3)`` images and labels of one pass over ``urls``, one stage per line."""
+        """Decoded ``(img_size, img_size, 3)`` images and labels of one pass over ``urls``, one stage per line."""
         files = self.tar_files(urls)
         samples = group_by_keys(files, handler=self.malformed_shard)
         samples = self.shuffle(samples, repetition) if self.train else samples
-        return self.decode(samples, repetition)
+        return self.decode(samples)
 
     def samples(self) -> Iterator[tuple[np.ndarray, int]]:
         """Evaluation: one pass over this reader's shards. Training: pass after pass without end (the epoch is
@@ -425,7 +194,7 @@ class ShardLoader:
         return dict(bad_images=bad_images, bad_shards=bad_shards)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shard order, sample order and augmentation the next iteration uses."""
+        """Select the epoch whose shard order and sample order the next iteration uses."""
         self.stream.epoch = epoch
 
     def __len__(self) -> int:
@@ -484,9 +253,7 @@ def create_loader(
     seed: int = 0,
     epoch: int = 0,
     resampled: bool = False,
-    crop_on_device: bool = False,
     crop_pct: float = 0.875,
-    scale: tuple[float, float] = (0.2, 1.0),
     shuffle_buffer: int = 2000,
     num_samples: int | None = None,
     rank: int | None = None,
@@ -497,15 +264,14 @@ def create_loader(
 
     source: a shard directory (``_info.json`` names the split's shards), a brace pattern or a list of urls
         (``num_samples`` needed for training unless an ``_info.json`` beside local shards lists them).
-    train: shuffle shards (per epoch and pass) and samples (buffer of ``shuffle_buffer`` per worker),
-        RandomResizedCrop (``scale``) + flip, full batches only, exactly ``len(loader)`` batches on every rank;
-        else resize to ``img_size / crop_pct`` + center crop, every sample once in shard order.
+    train: shuffle shards (per epoch and pass) and samples (buffer of ``shuffle_buffer`` per worker), decode the
+        whole central square resized to ``img_size``, full batches only, exactly ``len(loader)`` batches on every
+        rank; the random crop + flip are :class:`mae_timm.data.GpuAugment`'s (``random_crop=True``), on the device.
+        Else resize the shorter side to ``img_size / crop_pct`` + center crop, every sample once in shard order.
     resampled: training only; draw shards with replacement (an endless stream cut into epochs of ``len()``
         batches), for fewer shards than ranks x workers.
-    crop_on_device: training only; workers only decode and center-crop to ``img_size`` (whole shorter side),
-        leaving RandomResizedCrop + flip to :class:`mae_timm.data.GpuAugment`.
     rank / world_size: default to torch.distributed's, else 0 / 1. ``set_epoch`` selects the epoch; order and
-        augmentation are a function of (seed, epoch, rank, worker).
+        are a function of (seed, epoch, rank, worker).
     """
     if rank is None or world_size is None:
         rank, world_size = _distributed()
@@ -533,9 +299,8 @@ def create_loader(
         batches = _eval_batches(shard_set, batch_size, rank, world_size, readers)
     errors = torch.zeros(MAX_READERS, 2, dtype=torch.int64).share_memory_()
     stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
-                     world_size=world_size, resampled=resampled, crop_on_device=crop_on_device, crop_pct=crop_pct,
-                     scale=tuple(scale), shuffle_buffer=shuffle_buffer, errors=errors,
-                     batches_per_worker=batches_per_worker, epoch=epoch)
+                     world_size=world_size, resampled=resampled, crop_pct=crop_pct, shuffle_buffer=shuffle_buffer,
+                     errors=errors, batches_per_worker=batches_per_worker, epoch=epoch)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ShardLoader(stream, shard_set, num_workers, pin_memory, batches)

@@ -1,6 +1,7 @@
 """Write samples to WebDataset tar shards plus an ``_info.json`` that timm's ``wds/`` reader understands.
 
-Each shard is written to ``<name>.part`` and renamed when complete, so a shard with its final name is whole.
+Each shard is written to a temp file beside it (``.<name>.<pid>.part``) and renamed when complete
+(``mae_timm.engine.runtime.atomic_write``), so a shard with its final name is whole.
 The assignment of samples to shards is fixed by (samples, seed, shard sizes) before anything is written; a
 rerun keeps every shard that already holds exactly its planned keys and writes the rest. Tar headers carry a
 fixed mtime, so the same input gives byte-identical shards (and the same sha256 in ``_info.json``).
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
+from mae_timm.engine.runtime import atomic_write
 
 __all__ = ["INFO_NAME", "file_digest", "plan_shards", "read_info", "shard_keys", "write_shards", "write_source"]
 
@@ -91,22 +93,18 @@ def _is_complete(path: Path, keys: list[str]) -> bool:
 
 
 def _write_shard(path: Path, samples: Iterable[Sample]) -> None:
-    """Write one shard atomically: to ``<path>.part``, flushed to disk, then renamed."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        with TarWriter(f, encoder=False, mtime=0) as sink:
-            for sample in samples:
-                sink.write(_encode(sample))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+    """Write one shard atomically (:func:`~mae_timm.engine.runtime.atomic_write`)."""
+    with atomic_write(path, "wb") as f, TarWriter(f, encoder=False, mtime=0) as sink:
+        for sample in samples:
+            sink.write(_encode(sample))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(part, path)
+def _remove_stale_parts(out_dir: Path, splits: Iterable[str]) -> None:
+    """Remove the temp files a killed writer left for these splits' shards and for ``_info.json``
+    (``.<name>.<pid>.part``: another pid's are never overwritten by a rerun)."""
+    for pattern in [f".{split}-*.tar.*.part" for split in splits] + [f".{INFO_NAME}.*.part"]:
+        for stale in out_dir.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def write_shards(
@@ -124,12 +122,13 @@ def write_shards(
     """Write each split's samples to ``out_dir/<split>-NNNNNN.tar`` and record them in ``_info.json``.
 
     ``classes``: dicts ``{'index', 'id', 'name'}`` or plain names (index = position). Splits named in
-    ``SHUFFLED_SPLITS`` are shuffled with ``seed`` first. Shards already complete are kept; ``.part`` files
-    left by an interrupted run are overwritten. Splits in an existing ``_info.json`` that are not written
-    now are kept. Returns the info dict.
+    ``SHUFFLED_SPLITS`` are shuffled with ``seed`` first. Shards already complete are kept; temp files
+    (``.<shard>.<pid>.part``) left by a killed run are removed. Splits in an existing ``_info.json`` that are
+    not written now are kept. Returns the info dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(out_dir, splits)
     classes = [c if isinstance(c, Mapping) else dict(index=i, id=str(c), name=str(c)) for i, c in enumerate(classes)]
     info = dict(name=name, num_classes=len(classes), classes=classes, splits={}, seed=seed, source=source,
                 format_version=FORMAT_VERSION)
@@ -164,7 +163,8 @@ def write_shards(
         bar.close()
         info["splits"][split] = dict(name=split, num_samples=len(samples), filenames=filenames, shard_lengths=lengths,
                                      sha256=digests)
-        _write_json(info_path, info)
+        with atomic_write(info_path, "w") as f:
+            f.write(json.dumps(info, indent=1) + "\n")
     return info
 
 

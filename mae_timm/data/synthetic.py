@@ -5,17 +5,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mae_timm.engine.runtime import derive_seed
+
 __all__ = ["SyntheticImages"]
-
-
-def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one batch."""
-    state = np.random.SeedSequence([seed, rank, epoch, index]).generate_state(2, np.uint64)
-    return int(state[0] >> np.uint64(1))
 
 
 class SyntheticImages:
@@ -38,7 +33,7 @@ class SyntheticImages:
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> images uint8 (N, 3, H, W), labels int64 (N,) (all 0: synthetic images have no class)."""
-        generator = torch.Generator().manual_seed(batch_seed(self.seed, self.rank, self.epoch, index))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.epoch, index))
         colours = torch.rand(self.batch_size, 3, 4, 4, generator=generator)  # (N, 3, 4, 4)
         size = (self.img_size, self.img_size)
         imgs = F.interpolate(colours, size=size, mode="bilinear", align_corners=False)  # (N, 3, H, W)

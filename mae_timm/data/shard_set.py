@@ -1,0 +1,100 @@
+"""Which shards a loader reads: a split's shard urls and counts (:func:`resolve_shards`), and the slice of them one
+reader (worker of a rank) reads in one pass (:func:`shards_for_reader`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from webdataset.shardlists import expand_urls
+
+from mae_timm.data.shards import INFO_NAME, read_info
+from mae_timm.data.sources import DataError
+
+__all__ = ["ShardSet", "resolve_shards", "shards_for_reader"]
+
+
+@dataclass
+class ShardSet:
+    """The shards of one split: urls, their sample counts when known, and the dataset's metadata."""
+
+    urls: list[str]
+    shard_lengths: list[int] | None  # None when the shards came without an _info.json
+    num_samples: int | None
+    info: dict = field(default_factory=dict)  # the _info.json, {} without one
+
+
+def _local_path(url: str) -> str | None:
+    """The file path of a local url (plain path or file://), None for remote ones."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return urllib.parse.unquote(parsed.path)
+    if parsed.scheme in ("", ) or len(parsed.scheme) == 1:  # a path (or a Windows drive letter)
+        return url
+    return None
+
+
+def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, dict]:
+    """Shard lengths of local shard urls from an _info.json beside them, if one lists them all."""
+    paths = [_local_path(u) for u in urls]
+    folders = {os.path.dirname(p) for p in paths if p is not None}
+    if None in paths or len(folders) != 1 or not os.path.isfile(os.path.join(folders.pop() or ".", INFO_NAME)):
+        return None, {}
+    info = read_info(os.path.dirname(paths[0]) or ".")
+    lengths = {}
+    for split in info.get("splits", {}).values():
+        lengths.update(zip(split["filenames"], split["shard_lengths"]))
+    names = [os.path.basename(p) for p in paths]
+    if not all(n in lengths for n in names):
+        return None, info
+    return [lengths[n] for n in names], info
+
+
+def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
+    """The shards of ``split``: ``source`` is a shard directory (with _info.json), a brace pattern, or a list of
+    urls. Local shards that are missing or an empty pattern raise :class:`DataError` here, before any work."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        info = read_info(source)
+        splits = info.get("splits", {})
+        if split not in splits:
+            raise DataError(f"{source} has no split {split!r} (it has {sorted(splits)}); write it with mae-timm shards")
+        entry = splits[split]
+        urls = [os.path.join(str(source), name) for name in entry["filenames"]]
+        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info)
+    else:
+        urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]
+        lengths, info = _lengths_from_info(urls) if urls else (None, {})
+        shard_set = ShardSet(urls, lengths, num_samples or (sum(lengths) if lengths else None), info)
+    if not shard_set.urls:
+        raise DataError(f"no shards in {source!r} for split {split!r}")
+    missing = [u for u in shard_set.urls if (p := _local_path(u)) is not None and not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(shard_set.urls)} shards are missing, first {missing[0]}")
+    return shard_set
+
+
+def shards_for_reader(
+    urls: Sequence[str],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    shuffle: bool,
+    repetition: int = 0,
+) -> list[str]:
+    """The shards one reader (``worker`` of ``num_workers`` on ``rank`` of ``world_size``) reads in one pass.
+
+    All readers shuffle the full list with the same ``(seed, epoch, repetition)`` before taking their slice, so
+    the readers of one pass get disjoint shards that together cover the list.
+    """
+    order = list(urls)
+    if shuffle:
+        random.Random(f"shards-{seed}-{epoch}-{repetition}").shuffle(order)
+    return order[rank::world_size][worker::num_workers]
