@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mae_timm.data import GpuAugment
-from mae_timm.data.loader import eval_crop
+from mae_timm.data import GpuAugment, center_crop
 from mae_timm.engine.checkpoint import load_model
 from mae_timm.viz import save_reconstruction_grid
 
@@ -29,7 +28,7 @@ def load_images(paths: Sequence[str], size: int, mean: Sequence[float], std: Seq
     for path in paths:
         try:
             with Image.open(path) as image:
-                arrays.append(torch.from_numpy(eval_crop(image.convert("RGB"), size, crop_pct=1.0).copy()))
+                arrays.append(torch.from_numpy(center_crop(image.convert("RGB"), size, crop_pct=1.0).copy()))
         except OSError as e:  # missing or not an image
             raise ValueError(f"cannot read image {path}: {e}") from None
     uint8 = torch.stack(arrays).permute(0, 3, 1, 2)  # (N, 3, S, S)

@@ -276,10 +276,9 @@ def _create_loader(cfg: PretrainConfig, rank: int, img_size: int, *, split: str,
     if cfg.data is None:
         raise UserError("no data: pass --data SHARD_DIR (made by `mae-timm shards`) or --synthetic")
     source = cfg.data.split(",") if "," in cfg.data else cfg.data
-    # crop_on_device: workers only decode; the random crop + flip run in GpuAugment
+    # workers only decode; the random crop + flip run in GpuAugment on the device
     return create_loader(
-        source, split, batch_size, train=train, img_size=img_size, num_workers=cfg.num_workers, seed=cfg.seed,
-        crop_on_device=True, scale=(cfg.crop_scale_min, 1.0),
+        source, split, batch_size, train=train, img_size=img_size, num_workers=cfg.num_workers, seed=cfg.seed
     )
 
 
