@@ -1,10 +1,10 @@
-"""Evaluation, figures, export and the demo on CPU: kNN / linear probe / fine-tune, safetensors -> timm,
-reconstruction grids without leaks, the ``--help`` of every subcommand, and the demo with reduced steps."""
+"""Commands, figures, export and the demo on CPU: the evaluation commands' JSON, safetensors -> timm, reconstruction
+grids without leaks, the ``--help`` of every subcommand, and the demo with reduced steps. The evaluation protocols
+themselves are tested in ``test_eval_protocols.py``."""
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -15,51 +15,15 @@ from fakes import make_shards
 from safetensors import safe_open
 
 import mae_timm
-import mae_timm.engine.evaluate as evaluate
 from mae_timm.cli import COMMANDS, main
 from mae_timm.data import read_idx
 from mae_timm.demo import ASSETS
 from mae_timm.engine.checkpoint import checkpoint_path, save_checkpoint
-from mae_timm.engine.evaluate import (
-    EvalData,
-    FinetuneConfig,
-    KnnConfig,
-    LinprobeConfig,
-    evaluate_model,
-    finetune_evaluate,
-    knn_evaluate,
-    knn_scores,
-    linprobe_evaluate,
-    topk_accuracy,
-)
 from mae_timm.engine.export import create_model_line, export_safetensors, timm_architecture
 from mae_timm.viz import reconstruct, save_loss_curve, save_reconstruction_grid, visible_patch_stats
 
-CREATE_OPTIMIZER = evaluate.create_optimizer_v2  # the real one, for tests that wrap it
 PRETEXT_TEST_MODELS = [name for name in ("mae_vit_test", "mae_vit_test_early_mask", "apl_vit_test")
                        if name in timm.list_models()]
-
-
-PALETTE = torch.tensor([[230, 40, 40], [40, 230, 40], [40, 40, 230], [230, 230, 40]], dtype=torch.uint8)
-
-
-def _colour_images(num_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """4 clearly separable classes of 32 px uint8 images: a class colour plus per-pixel noise."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(4).repeat_interleave(num_per_class)
-    noise = torch.randint(0, 50, (len(labels), 3, 32, 32), generator=generator, dtype=torch.uint8)
-    return PALETTE[labels].view(-1, 3, 1, 1) // 5 * 4 + noise, labels  # (N, 3, 32, 32), (N,)
-
-
-def _batches(imgs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list:
-    return list(zip(imgs.split(batch_size), labels.split(batch_size)))
-
-
-@pytest.fixture(scope="module")
-def separable():
-    train = _batches(*_colour_images(12, seed=0), batch_size=16)
-    val = _batches(*_colour_images(5, seed=1), batch_size=16)
-    return train, val
 
 
 @pytest.fixture(scope="module")
@@ -74,100 +38,6 @@ def _checkpoint(tmp_path, name: str, **model_kwargs):
     state = dict(model=model.state_dict(), model_name=name, model_kwargs=model_kwargs, step=7, epoch=1,
                  optimizer={}, scheduler={}, scaler={}, rng={}, config={}, version=mae_timm.__version__)
     return save_checkpoint(state, checkpoint_path(tmp_path / name, 7)), model
-
-
-def test_topk_accuracy_by_hand():
-    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
-    labels = torch.tensor([1, 1, 0, 2])
-    assert topk_accuracy(scores, labels, ks=(1, 2, 5)) == {"top1": 25.0, "top2": 50.0, "top5": 100.0}
-
-
-def test_knn_votes_are_temperature_weighted():
-    # two fairly similar neighbours of class 0 are outvoted by one very similar neighbour of class 1
-    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [-1.0, 0.0]])
-    labels = torch.tensor([1, 0, 0, 2])
-    query = torch.tensor([[1.0, 0.0]])
-    scores = knn_scores(bank, labels, query, num_classes=3, k=3, temperature=0.07)
-    assert scores.argmax().item() == 1
-    expected = torch.tensor([[2 * math.exp(0.6 / 0.07), math.exp(1 / 0.07), 0.0]])
-    torch.testing.assert_close(scores, expected)
-    flat = knn_scores(bank, labels, query, num_classes=3, k=3, temperature=100.0)  # ~ majority vote
-    assert flat.argmax().item() == 0
-
-
-@pytest.mark.parametrize("name", PRETEXT_TEST_MODELS)
-def test_knn_and_linprobe_separate_clear_classes(name, separable):
-    train, val = separable
-    torch.manual_seed(0)
-    model = timm.create_model(name)
-    knn = knn_evaluate(model, train, val, 4, KnnConfig(), "cpu")
-    assert knn["top1"] >= 90.0 and knn["top5"] == 100.0 and knn["num_val"] == 20
-    probe = linprobe_evaluate(model, train, val, 4, LinprobeConfig(epochs=30, batch_size=16, warmup_epochs=2), "cpu")
-    assert probe["top1"] >= 90.0, probe
-
-
-@pytest.mark.gpu
-def test_knn_votes_on_the_eval_device(separable, device, monkeypatch):
-    train, val = separable
-    devices = []
-
-    def knn_scores_on(bank, labels, queries, num_classes, **kwargs):
-        devices.extend(t.device.type for t in (bank, labels, queries))
-        return knn_scores(bank, labels, queries, num_classes, **kwargs)
-
-    monkeypatch.setattr(evaluate, "knn_scores", knn_scores_on)
-    result = knn_evaluate(timm.create_model("mae_vit_test"), train, val, 4, KnnConfig(), device)
-    assert devices == [device.type] * 3 and 0 <= result["top1"] <= 100
-
-
-def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable, monkeypatch):
-    train, val = separable
-    model = timm.create_model("mae_vit_test")
-    seen = {}
-
-    def create_optimizer(classifier, **kwargs):
-        seen.update(classifier=classifier, optimizer=CREATE_OPTIMIZER(classifier, **kwargs))
-        return seen["optimizer"]
-
-    class SoftTarget(evaluate.SoftTargetCrossEntropy):
-        def forward(self, x, target):
-            seen["soft_targets"] = target.shape == x.shape  # mixed one-hot targets, not class indices
-            return super().forward(x, target)
-
-    monkeypatch.setattr(evaluate, "create_optimizer_v2", create_optimizer)
-    monkeypatch.setattr(evaluate, "SoftTargetCrossEntropy", SoftTarget)
-    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, drop_path_rate=0.2, mixup=0.8)
-    logs = []
-    result = finetune_evaluate(model, train[:2], val, 4, cfg, "cpu", log=logs.append)
-    assert 0.0 <= result["top1"] <= 100.0 and math.isfinite(result["train_loss"])
-    assert len(result["history"]) == 1 and "epoch 1/1" in logs[0] and "best_top1" not in result
-    classifier = seen["classifier"]
-    assert len({group["lr_scale"] for group in seen["optimizer"].param_groups}) > 1  # layer decay
-    assert classifier.blocks[-1].drop_path1.drop_prob == pytest.approx(cfg.drop_path_rate)
-    assert seen["soft_targets"]
-    # average pooling, then the final LayerNorm (fc_norm), as the MAE fine-tune; no norm before the pool
-    assert classifier.global_pool == "avg" and isinstance(classifier.norm, torch.nn.Identity)
-    assert isinstance(classifier.fc_norm, torch.nn.LayerNorm)
-
-
-def test_finetune_fc_norm_starts_from_the_trained_norm_and_head_near_zero(separable, monkeypatch):
-    train, val = separable
-    torch.manual_seed(0)
-    model = timm.create_model("mae_vit_test")
-    with torch.no_grad():
-        model.norm.weight.uniform_(0.5, 1.5)  # a trained-looking final norm
-    seen = {}
-
-    def create_optimizer(classifier, **kwargs):
-        seen.update(fc_norm=classifier.fc_norm.weight.detach().clone(),
-                    head=classifier.head.weight.detach().clone(), bias=classifier.head.bias.detach().clone())
-        return CREATE_OPTIMIZER(classifier, **kwargs)
-
-    monkeypatch.setattr(evaluate, "create_optimizer_v2", create_optimizer)
-    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, mixup=0.0, cutmix=0.0)
-    finetune_evaluate(model, train[:1], val[:1], 4, cfg, "cpu", log=lambda _: None)
-    torch.testing.assert_close(seen["fc_norm"], model.norm.weight.detach())  # a documented deviation
-    assert 1e-5 < seen["head"].std() < 4e-5 and not seen["bias"].any()  # trunc_normal_(std=2e-5), bias 0
 
 
 @pytest.mark.parametrize("name", PRETEXT_TEST_MODELS)
@@ -275,57 +145,12 @@ def test_every_subcommand_has_help(command, capsys):
 @pytest.mark.parametrize("protocol", ["knn", "linprobe", "finetune"])
 def test_evaluate_commands_write_json(protocol, shards, tmp_path):
     path, _ = _checkpoint(tmp_path, "mae_vit_test")
-    extra = {"knn": [], "linprobe": ["--epochs", "5"], "finetune": ["--epochs", "1", "--batch-size", "8"]}[protocol]
+    extra = {"knn": [], "linprobe": ["--epochs", "5", "--warmup-epochs", "1"],
+             "finetune": ["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8"]}[protocol]
     assert main([protocol, "--checkpoint", str(path), "--data", str(shards), "--num-workers", "1", *extra]) == 0
     result = json.loads((path.parent / f"{protocol}.json").read_text())
     assert result["model_name"] == "mae_vit_test" and result["num_val" if protocol != "finetune" else "epoch"]
     assert 0 <= result["top1"] <= 100 and result["top5"] == 100.0  # 4 classes: top-5 is everything
-
-
-@pytest.mark.parametrize(
-    "protocol, cfg, data, match",
-    [
-        ("linprobe", LinprobeConfig(epochs=0), {}, "epochs must be >= 1"),
-        ("finetune", FinetuneConfig(epochs=0, batch_size=8), {}, "epochs must be >= 1"),
-        ("knn", KnnConfig(k=0), {}, "k >= 1"),
-        ("knn", KnnConfig(temperature=0.0), {}, "temperature > 0"),
-        ("knn", KnnConfig(), dict(val_split="train"), "measured on the training data"),
-        ("knn", KnnConfig(), dict(device="cuda"), "CUDA is not available"),
-    ],
-)
-def test_evaluation_errors_are_one_line(protocol, cfg, data, match, shards):
-    if data.get("device") == "cuda" and torch.cuda.is_available():
-        pytest.skip("CUDA is available")
-    model = timm.create_model("mae_vit_test")
-    with pytest.raises(ValueError, match=match) as error:
-        evaluate_model(protocol, model, EvalData(data=str(shards), num_workers=0, **data), cfg)
-    assert "\n" not in str(error.value)
-
-
-@pytest.mark.parametrize("protocol", ["knn", "linprobe", "finetune"])
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_unlabelled_samples_are_a_clear_error(protocol, split, separable):
-    train, val = separable
-    imgs, labels = val[0]
-    unlabelled = [(imgs, torch.full_like(labels, -1))]
-    train, val = (unlabelled, val) if split == "train" else (train[:1], unlabelled)
-    cfg = dict(knn=KnnConfig(), linprobe=LinprobeConfig(epochs=1), finetune=FinetuneConfig(epochs=1, mixup=0.0))
-    run = dict(knn=knn_evaluate, linprobe=linprobe_evaluate, finetune=finetune_evaluate)[protocol]
-    with pytest.raises(ValueError, match="unlabelled samples"):
-        run(timm.create_model("mae_vit_test"), train, val, 4, cfg[protocol], "cpu")
-
-
-def test_warmup_longer_than_training_is_clamped_with_a_note(separable):
-    train, val = separable
-    logs = []
-    cfg = LinprobeConfig(epochs=2, batch_size=16, warmup_epochs=10)
-    result = linprobe_evaluate(timm.create_model("mae_vit_test"), train, val, 4, cfg, "cpu", log=logs.append)
-    assert math.isfinite(result["train_loss"])
-    assert logs == ["note: warmup_epochs 10 >= epochs 2; warming up for 1 epochs"]
-    logs.clear()
-    cfg = FinetuneConfig(epochs=1, batch_size=16)
-    finetune_evaluate(timm.create_model("mae_vit_test"), train[:1], val[:1], 4, cfg, "cpu", log=logs.append)
-    assert logs[0] == "note: warmup_epochs 5 >= epochs 1; warming up for 0 epochs"
 
 
 def test_demo_command_returns_130_when_interrupted(monkeypatch):

@@ -1,6 +1,6 @@
 """``mae-timm knn | linprobe | finetune``: evaluate a checkpoint's encoder on labelled shards.
 
-Settings of each protocol come from its dataclass in :mod:`mae_timm.engine.evaluate` (one option per field,
+Settings of each protocol come from its dataclass in :mod:`mae_timm.engine.config` (one option per field,
 or a YAML file with ``--config``). Top-1/top-5 are printed and written to ``<run folder>/<protocol>.json``.
 """
 
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--val-split", default="validation", help="split the accuracy is measured on")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="batch size of feature extraction")
     parser.add_argument("--num-workers", type=int, default=4, help="data loader processes")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--out", default=None, help="folder of the result JSON (default: the checkpoint's folder)")
     add_config_arguments(parser, PROTOCOLS[name])
 

@@ -176,3 +176,65 @@ def save_config(config, path: str | Path) -> None:
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
     with atomic_write(path, "w") as f:
         f.write(yaml.safe_dump(values, sort_keys=False))
+
+
+# ---- evaluation: where the labelled data comes from, and one settings class per protocol --------------------------
+
+__all__ += ["EvalData", "KnnConfig", "LinprobeConfig", "FinetuneConfig"]
+
+
+@dataclass
+class EvalData:
+    """Where the labelled images come from."""
+
+    data: str  # shard directory (with _info.json)
+    train_split: str = "train"  # memory bank (kNN) / training set (linprobe, finetune)
+    val_split: str = "validation"  # the split accuracies are reported on
+    batch_size: int = 256  # feature extraction batch; finetune and linprobe have their own
+    num_workers: int = 4  # loader worker processes
+    device: str | None = None  # None / auto: cuda when available, else cpu
+
+
+@dataclass
+class KnnConfig:
+    """Weighted kNN on frozen features (Wu et al. 2018, as used by DINO)."""
+
+    k: int = 20  # neighbours that vote
+    temperature: float = 0.07  # a neighbour's vote is exp(cosine similarity / temperature)
+    global_pool: str | None = None  # None: the encoder's own pooling (cls token for MAE)
+
+
+@dataclass
+class LinprobeConfig:
+    """Linear probe on frozen features (MAE paper, appendix A.2)."""
+
+    epochs: int = 90  # MAE paper: 90 epochs
+    batch_size: int = 256  # head batch size over cached features
+    blr: float = 0.1  # lr = blr * batch_size / 256 (MAE paper blr 0.1, with LARS; SGD + momentum here)
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # MAE paper: no weight decay for the probe
+    warmup_epochs: int = 10  # linear warmup, then cosine to 0; must be below epochs (runtime.check_warmup)
+    global_pool: str | None = None  # None: the encoder's own pooling (cls token for MAE, as in the paper)
+    seed: int = 0  # head init and batch order
+
+
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (MAE paper, appendix A.1; official ``main_finetune.py``)."""
+
+    epochs: int = 100  # MAE paper: 100 epochs for ViT-B
+    batch_size: int = 128  # per step
+    blr: float = 1e-3  # lr = blr * batch_size / 256 (MAE paper: 5e-4 for ViT-B at batch 1024)
+    min_lr: float = 1e-6  # end of the cosine schedule
+    warmup_epochs: int = 5  # linear warmup, then cosine; must be below epochs (runtime.check_warmup)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # lr of block i is lr * layer_decay ** (depth + 1 - i)
+    drop_path_rate: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # mixup alpha; 0 disables
+    cutmix: float = 1.0  # cutmix alpha; 0 disables
+    global_pool: str = "avg"  # MAE paper fine-tunes on average-pooled tokens + fc_norm
+    fc_norm: bool = True  # final LayerNorm after the pool (MAE fine-tune); False: before it, as in pretraining
+    crop_scale_min: float = 0.08  # RandomResizedCrop scale (crop_scale_min, 1) + flip, on the device (GpuAugment)
+    clip_grad: float | None = None  # max gradient norm; None: no clipping
+    seed: int = 0  # head init, shuffling, crops, mixup draws
