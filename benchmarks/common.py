@@ -7,8 +7,7 @@ attention products (QK^T and AV). Norms, activations, softmax and the loss are l
 also what ``FlopCounterMode`` counts, so the three counters below can be compared op for op:
 
 - ``fvcore_macs``: fvcore's ``FlopCountAnalysis`` (per module) plus a handle for
-  ``aten::scaled_dot_product_attention``, which fvcore does not know and would otherwise count as zero, and an
-  einsum handle that counts nothing for one-operand einsums (fvcore counts ``patchify``'s permutation).
+  ``aten::scaled_dot_product_attention``, which fvcore does not know and would otherwise count as zero.
 - ``counted_flops``: ``FlopCounterMode`` over any callable (forward, or forward + backward), with attention run
   through the math backend so that every device (the CPU included) counts it.
 - ``vit_macs`` / ``mae_macs``: the analytic formula for a ViT and a late-mask MAE.
@@ -36,7 +35,6 @@ __all__ = [
     "block_macs",
     "counted_flops",
     "describe_run",
-    "einsum_flop_jit",
     "fvcore_macs",
     "mae_macs",
     "markdown_table",
@@ -56,16 +54,6 @@ def sdpa_flop_jit(inputs: list, outputs: list) -> int:
     return prod(batch_heads) * len_q * len_k * (dim_qk + dim_v)
 
 
-def einsum_flop_jit(inputs: list, outputs: list) -> int:
-    """fvcore's einsum handle for products of two or more operands; a one-operand einsum (a permutation, as in
-    ``patchify``, or a reduction) multiplies nothing, where fvcore's own handle would count its elements."""
-    from fvcore.nn import jit_handles
-
-    if len(list(inputs[1].node().inputs())) < 2:
-        return 0
-    return jit_handles.einsum_flop_jit(inputs, outputs)
-
-
 def fvcore_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Multiply-adds of ``model(*inputs)`` per module name (``''`` is the total), matrix products only."""
     from fvcore.nn import FlopCountAnalysis
@@ -73,6 +61,7 @@ def fvcore_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str,
         addmm_flop_jit,
         bmm_flop_jit,
         conv_flop_jit,
+        einsum_flop_jit,
         linear_flop_jit,
         matmul_flop_jit,
     )
@@ -141,7 +130,7 @@ def mae_macs(model: nn.Module, mask_ratio: float) -> dict[str, int]:
     then runs on all ``L`` patches plus the prefix tokens and predicts a patch for each of them.
     """
     num_patches = model.patch_embed.num_patches
-    num_prefix = model.cls_token.shape[1] if getattr(model, "cls_token", None) is not None else 0
+    num_prefix = model.num_prefix_tokens  # timm VisionTransformer: cls token (+ register tokens)
     embed_dim, patch_dim = model.patch_embed.proj.out_channels, model.patch_embed.proj.weight[0].numel()
     decoder_dim = model.decoder_embed.out_features
     len_keep = int(num_patches * (1 - mask_ratio))
@@ -176,9 +165,16 @@ def describe_run(device: torch.device) -> dict[str, str]:
     return {
         "device": device_name,
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "command": "python " + shlex.join(sys.argv),
+        "command": _command_line(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _command_line() -> str:
+    """The command that ran this process: ``python -m benchmarks.flops ...`` when run as a module."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # None for a script, `python -c` or a REPL
+    program = f"-m {spec.name}" if spec is not None else shlex.quote(sys.argv[0])
+    return f"python {program} {shlex.join(sys.argv[1:])}".rstrip()
 
 
 def _cpu_model() -> str:

@@ -1,8 +1,8 @@
 """Pretraining images/s from WebDataset shards beside the same run on synthetic input, in one process.
 
-    python benchmarks/end_to_end.py                          # GPU: writes 100,000 synthetic 64 px JPEG shards first
-    python benchmarks/end_to_end.py --data data/tiny-imagenet-shards --compile
-    python benchmarks/end_to_end.py --tiny --out /tmp/bench  # CPU smoke test: mae_vit_test, batch 8, 1 worker
+    python -m benchmarks.end_to_end                          # GPU: writes 100,000 synthetic 64 px JPEG shards first
+    python -m benchmarks.end_to_end --data data/tiny-imagenet-shards --compile
+    python -m benchmarks.end_to_end --tiny --out /tmp/bench  # CPU smoke test: mae_vit_test, batch 8, 1 worker
 
 Both runs are ``mae_timm.engine.pretrain`` with one config that differs only in its input: first
 ``synthetic=True`` (random smooth images made on the host by ``SyntheticImages``, no files, no workers), then the
@@ -34,14 +34,12 @@ import torch
 import webdataset
 
 import mae_timm  # noqa: F401  (registers the models)
+from benchmarks.common import describe_run, markdown_table, write_results
+from benchmarks.loader import synthetic_jpeg
 from mae_timm.data import Sample, read_info, write_shards
 from mae_timm.data.synthetic import SyntheticImages
 from mae_timm.engine.config import PretrainConfig
 from mae_timm.engine.pretrain import pretrain
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_run, markdown_table, write_results  # noqa: E402
-from loader import synthetic_jpeg  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

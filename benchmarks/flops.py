@@ -1,13 +1,14 @@
 """Multiply-adds of every registered pretext model, split by part, at several mask ratios (see common.py).
 
-    python benchmarks/flops.py                                  # all mae_* and apl_* models -> benchmarks/results/
-    python benchmarks/flops.py --models 'mae_vit_test*' --out /tmp/flops
+    python -m benchmarks.flops                                  # all mae_* and apl_* models -> benchmarks/results/
+    python -m benchmarks.flops --models 'mae_vit_test*' --out /tmp/flops
 
 One image at the model's default input size (``pretrained_cfg['input_size']``). MAE models run
 ``forward(imgs, mask_ratio=r, noise=noise)`` with a fixed noise, so the traced shapes are those of ratio ``r``.
-Models without a ``mask_ratio`` argument (the APL puzzle) take the ratio as their ``patch_drop_rate`` and run in
-training mode, where that fraction of the patches is removed from the sequence. Each row is counted three ways:
-fvcore (split by part), ``FlopCounterMode`` (total) and, for late-mask MAE models, the analytic formula.
+Models whose forward takes no mask ratio (``takes_mask_ratio = False``, the APL puzzle) take the ratio as their
+``patch_drop_rate`` and run in training mode, where that fraction of the patches is removed from the sequence.
+Each row is counted three ways: fvcore (split by part), ``FlopCounterMode`` (total) and, for late-mask MAE models,
+the analytic formula.
 
 Parts: ``patch_embed``; ``encoder`` = the blocks and final norm (what export hands to timm);
 ``decoder/head`` = everything else (MAE decoder, early-mask MLP heads, APL position classifier).
@@ -16,7 +17,6 @@ Parts: ``patch_embed``; ``encoder`` = the blocks and final norm (what export han
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
@@ -25,10 +25,8 @@ import torch
 from torch import nn
 
 import mae_timm  # noqa: F401  (registers the models)
+from benchmarks.common import counted_flops, describe_run, fvcore_macs, mae_macs, markdown_table, write_results
 from mae_timm.models import MaskedAutoencoderViT
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import counted_flops, describe_run, fvcore_macs, mae_macs, markdown_table, write_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ENCODER_PARTS = ("blocks", "norm")  # top-level modules that make up the exported encoder besides patch_embed
@@ -49,17 +47,12 @@ class MaskedForward(nn.Module):
         return self.model(imgs, mask_ratio=self.mask_ratio, noise=noise)
 
 
-def takes_mask_ratio(model: nn.Module) -> bool:
-    """Whether ``model.forward`` has a ``mask_ratio`` argument (MAE models) or not (APL: patch dropout)."""
-    return "mask_ratio" in inspect.signature(model.forward).parameters
-
-
 def build_pretext(model_name: str, mask_ratio: float) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, ...]]:
     """(model, module to trace, its inputs) for one image at the model's default size and ``mask_ratio``."""
     generator = torch.Generator().manual_seed(0)
     model = timm.create_model(model_name).eval()
     imgs = torch.randn(1, *model.pretrained_cfg["input_size"], generator=generator)
-    if takes_mask_ratio(model):
+    if model.takes_mask_ratio:
         noise = torch.rand(1, model.patch_embed.num_patches, generator=generator)
         return model, MaskedForward(model, mask_ratio), (imgs, noise)
     model = timm.create_model(model_name, patch_drop_rate=mask_ratio).train()  # dropout only removes in training
@@ -70,7 +63,7 @@ def model_kind(model: nn.Module) -> str:
     """'late mask' (MAE), 'early mask' (mask tokens in the encoder) or 'patch dropout' (APL)."""
     if isinstance(model, MaskedAutoencoderViT):
         return "late mask"
-    return "early mask" if takes_mask_ratio(model) else "patch dropout"
+    return "early mask" if model.takes_mask_ratio else "patch dropout"
 
 
 def split_macs(by_module: dict[str, int], prefix: str) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Images/s of the shard loader beside torchvision ``ImageFolder`` + ``DataLoader`` on the same images.
 
-    python benchmarks/loader.py                        # 10,000 synthetic 64 px JPEGs, 1..cpu_count workers
-    python benchmarks/loader.py --images 2000 --workers 1 --out /tmp/bench     # quick look
+    python -m benchmarks.loader                        # 10,000 synthetic 64 px JPEGs, 1..cpu_count workers
+    python -m benchmarks.loader --images 2000 --workers 1 --out /tmp/bench     # quick look
 
 Both pipelines decode the same JPEG files (the ImageFolder from an extracted folder, the loader from shards
 written from that folder) and apply the same training augmentation: RandomResizedCrop(64, scale=(0.2, 1.0),
@@ -33,10 +33,8 @@ import webdataset
 from PIL import Image
 from torchvision import transforms
 
+from benchmarks.common import describe_run, markdown_table, write_results
 from mae_timm.data import create_loader, imagefolder, write_source
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_run, markdown_table, write_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

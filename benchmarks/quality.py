@@ -8,8 +8,8 @@ kNN (k=20, cosine, T=0.07), linear probe (BatchNorm + linear on frozen features,
 layer decay, mixup/cutmix, label smoothing, drop path), all from ``mae_timm.engine.evaluate`` on the 10,000-image
 test split. Fashion-MNIST's 28 px images are upsampled to ``--img-size`` 32 so 4-px patches make an 8 x 8 grid.
 
-    python benchmarks/quality.py                                     # full Fashion-MNIST (Debian package)
-    python benchmarks/quality.py --root mae_timm/assets --limit 512 --pretrain-steps 4 --linprobe-epochs 2 \\
+    python -m benchmarks.quality                                     # full Fashion-MNIST (Debian package)
+    python -m benchmarks.quality --root mae_timm/assets --limit 512 --pretrain-steps 4 --linprobe-epochs 2 \\
         --finetune-epochs 1 --batch-size 64 --model-kwargs '{"embed_dim": 32, "depth": 1, "num_heads": 2}'  # smoke
 
 Results go to ``<out>/quality.{json,md}``; ``--results-dir benchmarks/results`` also writes them there (commit
@@ -27,15 +27,13 @@ from pathlib import Path
 import timm
 import torch
 
+from benchmarks.common import describe_run, markdown_table, write_results
 from mae_timm.data import fashion_mnist, write_source
 from mae_timm.data.sources import FASHION_MNIST_ROOT
 from mae_timm.engine.checkpoint import load_model
 from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args
 from mae_timm.engine.evaluate import EvalData, FinetuneConfig, KnnConfig, LinprobeConfig, evaluate_model
 from mae_timm.engine.pretrain import pretrain
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_run, markdown_table, write_results  # noqa: E402
 
 PROTOCOL_NAMES = {"knn": "kNN top-1", "linprobe": "linear probe top-1", "finetune": "fine-tune top-1"}
 

@@ -1,7 +1,7 @@
 """Training-step and inference images/s of mae_timm beside Hugging Face ViTMAE, in one process on one device.
 
-    python benchmarks/throughput.py --config vit_b16_224       # GPU; one config per run -> benchmarks/results/
-    python benchmarks/throughput.py --tiny --out /tmp/bench    # CPU smoke test: test configs, fp32, 2 steps
+    python -m benchmarks.throughput --config vit_b16_224       # GPU; one config per run -> benchmarks/results/
+    python -m benchmarks.throughput --tiny --out /tmp/bench    # CPU smoke test: test configs, fp32, 2 steps
 
 A training step is forward + backward + fused AdamW step under bf16 autocast, on a fixed random batch, with
 75 % of the patches masked and the norm-pix loss. Inference is the same forward (mask, decoder, loss) under
@@ -32,11 +32,9 @@ import torch
 from torch import nn
 
 import mae_timm  # noqa: F401  (registers the models)
+from benchmarks.common import counted_flops, describe_run, markdown_table, write_results
 from mae_timm.models import MaskedAutoencoderViT
 from mae_timm.models.convert import mae_timm_to_hf
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import counted_flops, describe_run, markdown_table, write_results  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "compile", "reduce-overhead")
@@ -90,10 +88,10 @@ class Pretext:
 
 
 def mae_timm_loss(mask_ratio: float) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """Loss of a mae_timm model: ``model(imgs, mask_ratio=r)[0]``."""
+    """Loss of a mae_timm pixel model: ``model(imgs, mask_ratio=r).loss``."""
 
     def loss(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-        return model(imgs, mask_ratio=mask_ratio)[0]
+        return model(imgs, mask_ratio=mask_ratio).loss
 
     return loss
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from matplotlib.figure import Figure
 
 from mae_timm.layers import patchify, unpatchify
+from mae_timm.models.base import is_pretext_model
 
 __all__ = [
     "NEIGHBOUR_SIGMA",
@@ -57,11 +58,6 @@ def visible_patch_stats(
     return mean.unsqueeze(-1), std.unsqueeze(-1)
 
 
-def _is_pixel_model(model: nn.Module) -> bool:
-    """MAE-style models predict pixels through a decoder head; APL models predict positions."""
-    return hasattr(model, "decoder_pred") and hasattr(model, "norm_pix_loss")
-
-
 @torch.no_grad()
 def reconstruct(
     model: nn.Module, imgs: torch.Tensor, *, mask_ratio: float = 0.75, seed: int = 0
@@ -71,7 +67,7 @@ def reconstruct(
     Returns normalised images (N, C, H, W) 'reconstruction' and 'pasted' (visible patches from the input),
     'mask' (N, L) with 1 = removed, and 'loss'.
     """
-    if not _is_pixel_model(model):
+    if not (is_pretext_model(model) and model.predicts_pixels):
         raise ValueError(
             f"{type(model).__name__} predicts no pixels (an APL model predicts patch positions); "
             "reconstruction figures need an mae_* checkpoint"
@@ -81,9 +77,9 @@ def reconstruct(
     patch_size = model.patch_embed.patch_size
     grid_size = model.patch_embed.grid_size
     noise = torch.rand(imgs.shape[0], grid_size[0] * grid_size[1], generator=torch.Generator().manual_seed(seed))
-    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise.to(imgs.device))
+    out = model(imgs, mask_ratio=mask_ratio, noise=noise.to(imgs.device))  # a ReconstructionOutput
     model.train(was_training)
-    pred, mask = pred.float(), mask.float()
+    pred, mask = out.pred.float(), out.mask.float()
     patches = patchify(imgs, patch_size)  # (N, L, p*p*C)
     if model.norm_pix_loss:
         mean, std = visible_patch_stats(patches, mask, grid_size)
@@ -94,7 +90,7 @@ def reconstruct(
         reconstruction=unpatchify(pred, patch_size, img_size),
         pasted=unpatchify(patches * (1 - removed) + pred * removed, patch_size, img_size),
         mask=mask,
-        loss=loss.float(),
+        loss=out.loss.float(),
     )
 
 

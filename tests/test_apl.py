@@ -1,7 +1,8 @@
-"""APL puzzle models: registry, permutation equivariance, no position information, export to timm, learning."""
+"""What is particular to the APL puzzle models: puzzle geometry, crop, patch encoders, permutation equivariance,
+no position information, the export's pooling and zero border, learning. What every pretext model must do (the
+named output, gradients, strict export, checkpoints) is checked for APL too in tests/test_models_registry.py."""
 
 import functools
-import json
 import math
 
 import pytest
@@ -10,10 +11,9 @@ import torch
 from conftest import TOLERANCES
 from hypothesis import given
 from hypothesis import strategies as st
-from timm.models.vision_transformer import VisionTransformer
 
 import mae_timm
-import mae_timm.models.apl as apl  # importing registers the apl_* models
+from mae_timm.models.base import PuzzleOutput
 
 MODELS = timm.list_models("apl_*")
 TINY = dict(depth=1)  # every registered width, one block: the registry runs in seconds
@@ -53,36 +53,21 @@ def ramp_images(n, size, generator):
     return gain * base + offset + 0.1 * torch.randn(n, 3, size, size, generator=generator)
 
 
-def test_registry():
-    assert set(MODELS) >= {"apl_vit_tiny_64", "apl_vit_small_64", "apl_vit_seed_96", "apl_vit_test"}
-
-
 @pytest.mark.parametrize("name", MODELS)
-def test_forward_shapes(name, device):
+def test_targets_are_the_kept_positions(name, device):
     model = timm.create_model(name, **TINY).to(device)
-    assert model.pretrained_cfg["num_classes"] == 0
-    assert tuple(model.pretrained_cfg["input_size"]) == input_size(model)
     T = model.num_positions
     imgs = torch.randn(2, *input_size(model), device=device)
     loss, logits, targets = model(imgs)  # training mode: patch dropout may drop patches
     kept = targets.shape[1]
     assert kept <= T and logits.shape == (2, kept, T) and targets.shape == (2, kept)
-    assert torch.isfinite(loss) and targets.min() >= 0 and targets.max() < T
     assert all(len(set(row.tolist())) == kept for row in targets)  # each kept patch once
     assert model.forward_features(imgs).shape == (2, T, model.embed_dim)  # full image even in training
     model.eval()
-    loss, logits, targets = model(imgs)
-    assert logits.shape == (2, T, T) and torch.equal(targets, torch.arange(T, device=device).expand(2, T))
-    assert 0.0 <= apl.position_accuracy(logits, targets).item() <= 1.0
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_every_parameter_gets_a_gradient(name):
-    model = timm.create_model(name, **TINY)
-    loss, _, _ = model(torch.randn(2, *input_size(model)))
-    loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing
+    out = model(imgs)
+    assert isinstance(out, PuzzleOutput)
+    assert out.logits.shape == (2, T, T) and torch.equal(out.targets, torch.arange(T, device=device).expand(2, T))
+    assert 0.0 <= out.metrics["position_accuracy"].item() <= 1.0
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -167,15 +152,13 @@ def test_no_position_information(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_export_to_timm_vit(name, device):
+def test_export_pools_the_mean_and_zeroes_the_crop_border(name, device):
     model = randomize_(timm.create_model(name, **TINY)).to(device).eval()
-    vit = VisionTransformer(**model.encoder_kwargs()).to(device).eval()
-    vit.load_state_dict(model.encoder_state_dict(), strict=True)
     imgs = torch.randn(2, *input_size(model), device=device)
     with torch.no_grad():
         features = model.forward_features(imgs)
-        torch.testing.assert_close(vit.forward_features(imgs), features, atol=1e-4, rtol=1e-4)
         encoder = mae_timm.create_timm_encoder(model).to(device).eval()
+        torch.testing.assert_close(encoder.forward_features(imgs), features, atol=1e-4, rtol=1e-4)
         pooled = encoder.forward_head(encoder.forward_features(imgs), pre_logits=True)
         torch.testing.assert_close(pooled, features.mean(1), atol=1e-4, rtol=1e-4)
     weight = model.encoder_state_dict()["patch_embed.proj.weight"]
@@ -185,9 +168,7 @@ def test_export_to_timm_vit(name, device):
     assert not weight[border].any()  # the K cropped pixels never reach the token
 
 
-def test_encoder_kwargs_are_json_and_cnn_refuses_export():
-    for name in MODELS:
-        json.dumps(timm.create_model(name, **TINY).encoder_kwargs())
+def test_cnn_patch_encoder_refuses_export():
     cnn = timm.create_model("apl_vit_test", patch_encoder="cnn")
     with pytest.raises(ValueError, match="patch_encoder='cnn'"):
         cnn.encoder_kwargs()
@@ -221,8 +202,9 @@ def test_position_accuracy_rises_far_above_chance():
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        loss, logits, targets = model(ramp_images(256, 32, generator))
+        out = model(ramp_images(256, 32, generator))
     chance = 1 / model.num_positions
-    accuracy = apl.position_accuracy(logits, targets).item()
+    accuracy = out.metrics["position_accuracy"].item()
+    loss = out.loss
     assert accuracy > 8 * chance, accuracy  # 0.5 for T = 16
     assert loss.item() < math.log(model.num_positions) / 2

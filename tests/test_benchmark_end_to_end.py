@@ -1,14 +1,12 @@
 """benchmarks/end_to_end.py on CPU with --tiny: both runs happen in one process and the results name them."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from fakes import make_shards
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import end_to_end  # noqa: E402
+from benchmarks import end_to_end
 
 
 def check_results(out: Path, num_samples: int, workers: int) -> None:

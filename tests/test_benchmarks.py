@@ -1,6 +1,9 @@
-"""The benchmark scripts on CPU: FLOP counters agree with each other, and both scripts run on tiny configs."""
+"""The benchmark scripts on CPU: FLOP counters agree with each other, both scripts run on tiny configs, and every
+script runs as a module from the repository root (``python -m benchmarks.flops``; the tests import it the same way).
+"""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,11 +15,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import mae_timm  # noqa: F401  (registers the models)
+from benchmarks import flops, throughput
+from benchmarks.common import counted_flops, fvcore_macs, mae_macs, vit_macs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import flops  # noqa: E402
-import throughput  # noqa: E402
-from common import counted_flops, fvcore_macs, mae_macs, vit_macs  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("flops", "throughput", "loader", "end_to_end", "quality")
 
 RTOL = 0.02  # the issue's bar for fvcore + attention handle vs FlopCounterMode vs the analytic formula
 
@@ -95,3 +98,22 @@ def test_throughput_script_all_modes_on_gpu(tmp_path):
         (implementation, mode) for implementation in ("mae_timm", "hf") for mode in throughput.MODES
     }
     assert all(r["train"]["peak_memory_gib"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # a second process importing torch, timm, fvcore and the engine: about 30 s on a busy CPU
+def test_every_script_runs_as_a_module():
+    """``python -m benchmarks.<script> --help`` from the repository root, no sys.path edits: one process for all."""
+    code = (
+        "import runpy, sys\n"
+        f"for name in {SCRIPTS!r}:\n"
+        "    sys.argv = [name, '--help']\n"
+        "    try:\n"
+        "        runpy.run_module(f'benchmarks.{name}', run_name='__main__', alter_sys=True)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (name, e.code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("usage:")] == [
+        f"{name}.py" for name in SCRIPTS
+    ]

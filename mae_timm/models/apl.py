@@ -35,7 +35,7 @@ from mae_timm.layers import gather_tokens, random_masking_ids
 from mae_timm.models.base import PretextModel, PuzzleOutput
 from mae_timm.models.common import pretext_cfg
 
-__all__ = ["APLViT", "CroppedPatchEmbed", "PatchCNN", "position_accuracy"]
+__all__ = ["APLViT", "CroppedPatchEmbed", "PatchCNN"]
 
 PATCH_ENCODERS = ("flatten", "linear", "cnn")
 
@@ -130,13 +130,13 @@ class CroppedPatchEmbed(nn.Module):
         return weight, bias
 
 
-def position_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Fraction of tokens whose predicted position is the true one: logits (N, T', T), targets (N, T') -> ()."""
-    return (logits.argmax(-1) == targets).float().mean()
-
-
 class APLViT(PretextModel, nn.Module):
-    """APL puzzle model: cropped patches -> position-free transformer -> per-token position classifier."""
+    """APL puzzle model: cropped patches -> position-free transformer -> per-token position classifier.
+
+    Contract (`mae_timm.models.base`): ``forward(imgs)`` returns a `PuzzleOutput` whose ``metrics`` hold the
+    position accuracy. It takes no ``mask_ratio``: its patch dropout is the architecture setting
+    ``patch_drop_rate`` (as timm's ViT), so a reconstruction model's mask ratio never reaches it.
+    """
 
     def __init__(
         self,
@@ -209,10 +209,9 @@ class APLViT(PretextModel, nn.Module):
         """Cross-entropy of the predicted positions: logits (N, T', T), targets (N, T') -> ()."""
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
-    position_accuracy = staticmethod(position_accuracy)
-
     def forward(self, imgs: torch.Tensor) -> PuzzleOutput:
-        """imgs: (N, C, H, W) -> loss (), logits (N, T', T), targets (N, T') (true positions of the kept patches).
+        """imgs: (N, C, H, W) -> loss (), logits (N, T', T), targets (N, T') (true positions of the kept patches),
+        a `PuzzleOutput` (``.metrics['position_accuracy']``).
 
         In training mode a `patch_drop_rate` fraction of the patches is dropped (T' < T); in eval mode T' = T.
         """

@@ -6,15 +6,17 @@ The engine, the figures, the converters and the benchmarks know a model only thr
 
 A pretext model is an ``nn.Module`` (usually a timm ``VisionTransformer`` subclass) that also subclasses
 :class:`PretextModel` and
-  * sets the class flags ``predicts_pixels`` and ``takes_mask_ratio``;
-  * implements ``forward(imgs, mask_ratio=..., noise=None)`` returning a :class:`ReconstructionOutput` (pixel
-    models) or a :class:`PuzzleOutput` (position models), or another ``NamedTuple`` with ``loss`` first and a
-    ``metrics`` property;
+  * sets the class flags ``predicts_pixels`` and ``takes_mask_ratio`` (the callers branch on these, never on
+    attributes or signatures);
+  * implements ``forward`` returning a :class:`ReconstructionOutput` (pixel models) or a :class:`PuzzleOutput`
+    (position models), or another ``NamedTuple`` with ``loss`` first and a ``metrics`` property;
+    ``model(imgs, mask_ratio=r, noise=noise)`` when ``takes_mask_ratio``, else ``model(imgs)``;
+  * has ``patch_embed`` (``img_size``, ``patch_size``, ``grid_size``, ``num_patches``: the token grid; ``noise``
+    is (N, ``num_patches``)) and ``forward_features(imgs)``: the encoder's tokens of the whole image;
   * implements ``encoder_kwargs()`` and ``encoder_state_dict()``: the timm ``VisionTransformer`` that holds the
-    encoder, and its weights (they load ``strict=True`` into it).
-Pixel models (``predicts_pixels = True``) also hold ``norm_pix_loss``, the one switch of the loss target, and
-take ``mask_ratio`` and ``noise`` in ``forward``. ``tests/test_models_registry.py`` checks every registered
-``mae_*`` / ``apl_*`` model against this contract.
+    encoder, and its weights (they load ``strict=True`` into it, and its ``forward_features`` equals the model's).
+Pixel models (``predicts_pixels = True``) also hold ``norm_pix_loss``, the one switch of the loss target.
+``tests/test_models_registry.py`` checks every model a ``mae_timm`` module registers against this contract.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class PuzzleOutput(NamedTuple):
 
     @property
     def metrics(self) -> dict[str, torch.Tensor]:
-        """Top-1 position accuracy, a () tensor (read it with one-update lag: no host sync inside an update)."""
+        """Top-1 position accuracy (fraction of tokens whose predicted position is the true one; chance is 1 / T),
+        a () tensor: read it with one-update lag, so that no host sync happens inside an update."""
         return {"position_accuracy": (self.logits.detach().argmax(-1) == self.targets).float().mean()}
 
 
@@ -58,8 +61,8 @@ PretextOutput = ReconstructionOutput | PuzzleOutput
 class PretextModel:
     """Mixin that marks a model as a pretext model and states its capabilities (see the module docstring)."""
 
-    predicts_pixels: ClassVar[bool] = False  # forward returns pixel predictions and a mask; has `norm_pix_loss`
-    takes_mask_ratio: ClassVar[bool] = False  # forward takes `mask_ratio` (and `noise`, the official ranking)
+    predicts_pixels: ClassVar[bool] = False  # forward returns a ReconstructionOutput; the model has `norm_pix_loss`
+    takes_mask_ratio: ClassVar[bool] = False  # forward takes `mask_ratio` and `noise` (the official ranking)
 
     def encoder_kwargs(self) -> dict:
         """JSON-able kwargs of the timm ``VisionTransformer`` that holds the encoder (``num_classes=0``)."""

@@ -1,8 +1,9 @@
 """Moving weights between mae_timm and other homes: the encoder into a timm `VisionTransformer`, and
 (with the `hf` extra) Hugging Face `ViTMAEForPreTraining` <-> mae_timm late-mask MAE.
 
-Every pretext model implements ``encoder_kwargs()`` and ``encoder_state_dict()``; the functions here are
-the one public way to use them, so evaluation and export only ever see a timm `VisionTransformer`.
+Every pretext model implements ``encoder_kwargs()`` and ``encoder_state_dict()`` (the contract in ``base.py``); the
+functions here are the one public way to use them, so evaluation and export only ever see a timm
+`VisionTransformer`. Anything else is refused with a `TypeError` that names it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from mae_timm.models.base import is_pretext_model
 from mae_timm.models.mae import MaskedAutoencoderViT
 
 __all__ = [
@@ -27,10 +29,17 @@ __all__ = [
 ]
 
 
+def _check_pretext_model(model: nn.Module) -> None:
+    if not is_pretext_model(model):
+        raise TypeError(
+            f"{type(model).__name__} is not a mae_timm pretext model (subclass mae_timm.models.base.PretextModel); "
+            "only pretext models export an encoder"
+        )
+
+
 def encoder_kwargs(model: nn.Module) -> dict:
     """JSON-able kwargs of the timm `VisionTransformer` that holds ``model``'s encoder (``num_classes=0``)."""
-    if not hasattr(model, "encoder_kwargs"):
-        raise TypeError(f"{type(model).__name__} is not a mae_timm pretext model (it has no encoder_kwargs())")
+    _check_pretext_model(model)
     kwargs = model.encoder_kwargs()
     img_size = kwargs["img_size"]
     if not isinstance(img_size, int) and img_size[0] == img_size[1]:
@@ -41,6 +50,7 @@ def encoder_kwargs(model: nn.Module) -> dict:
 def export_encoder(model: nn.Module) -> dict[str, torch.Tensor]:
     """The encoder's state dict; loads ``strict=True`` into ``VisionTransformer(**encoder_kwargs(model))``
     and into the registered timm ViT of the same shape (e.g. ``vit_base_patch16_224``, ``num_classes=0``)."""
+    _check_pretext_model(model)
     return {k: v.detach().clone() for k, v in model.encoder_state_dict().items()}
 
 

@@ -171,20 +171,18 @@ def _is_decoder_key(key: str) -> bool:
     return key.startswith("decoder_") or key == "mask_token"
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+def checkpoint_filter_fn(state_dict: dict, model: MaskedAutoencoderViT) -> dict:
     """Take an official / mae_timm state dict (optionally wrapped in {'model': ...}) to this model's shapes:
     classifier keys of fine-tuned checkpoints are dropped, pos tables resampled to the model's grid (2-D bicubic)."""
     state_dict = state_dict.get("model", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    tables = {"pos_embed": model.pos_embed, "decoder_pos_embed": model.decoder_pos_embed}
     out = {}
-    grid = model.patch_embed.grid_size
     for key, value in state_dict.items():
         if key.startswith(("head.", "fc_norm.")):
             continue
-        if key in ("pos_embed", "decoder_pos_embed"):
-            target = getattr(model, key, None)
-            if target is not None and value.shape != target.shape:
-                value = resample_pos_embed(value, grid, num_prefix_tokens=1)
+        if key in tables and value.shape != tables[key].shape:
+            value = resample_pos_embed(value, model.patch_embed.grid_size, num_prefix_tokens=1)
         out[key] = value
     return out
 
