@@ -19,10 +19,12 @@ from mae_timm.layers import (  # noqa: E402
     unpatchify,
 )
 from mae_timm.models.convert import create_timm_encoder, encoder_kwargs, export_encoder  # noqa: E402
+from mae_timm.models.factory import create_pretext_model  # noqa: E402
 
 __all__ = [
     "__version__",
     "block_masking",
+    "create_pretext_model",
     "create_timm_encoder",
     "encoder_kwargs",
     "export_encoder",

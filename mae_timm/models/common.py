@@ -11,9 +11,6 @@ from mae_timm.models.base import PretextModel
 
 __all__ = ["PixelReconstruction", "masked_mse_loss", "mask_ids_for", "init_linear_and_norm", "pretext_cfg"]
 
-# timm VisionTransformer kwargs that change the encoder's weights (beyond sizes), kept for export
-ENCODER_ARCH_KEYS = ("qk_norm", "init_values")
-
 
 def masked_mse_loss(
     imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool, all_patches: bool
@@ -74,6 +71,7 @@ def pretext_cfg(**kwargs) -> dict:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj",
+        "fixed_input_size": True,  # the patch grid (position tables, masks) is fixed at construction
         "classifier": None,
         "license": "cc-by-nc-4.0",
         **kwargs,
@@ -81,20 +79,15 @@ def pretext_cfg(**kwargs) -> dict:
 
 
 class PixelReconstruction(PretextModel):
-    """What the pixel-reconstruction models (late and early mask) share, mixed into a timm `VisionTransformer`:
-    the MAE loss, and the description of the encoder that export needs.
-
-    The subclass calls :meth:`record_encoder_args` with its constructor's encoder arguments and sets
-    ``encoder_layout`` (cls token, pooling) to the values a timm `VisionTransformer` needs to hold the encoder.
+    """What the pixel-reconstruction models (late and early mask) share: the MAE loss, and the record of the
+    timm encoder that export needs (``_encoder_architecture``, ``_encoder_args``, set when the encoder is built).
     """
 
     predicts_pixels = True
     takes_mask_ratio = True
-    encoder_layout: dict
     norm_pix_loss: bool  # the one switch of the loss target: per-patch normalised pixels (True) or raw pixels
-
-    def record_encoder_args(self, vit_kwargs: dict, **sizes) -> None:
-        self._encoder_args = dict(sizes, **{k: v for k, v in vit_kwargs.items() if k in ENCODER_ARCH_KEYS})
+    _encoder_architecture: str
+    _encoder_args: dict
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) with 1 = removed -> scalar loss."""
@@ -102,6 +95,11 @@ class PixelReconstruction(PretextModel):
             imgs, pred, mask, self.patch_embed.patch_size, self.norm_pix_loss, self.loss_on_all_patches
         )
 
+    def encoder_architecture(self) -> str:
+        """The timm model name that ``encoder_kwargs()`` turn into this encoder (``timm.create_model``)."""
+        return self._encoder_architecture
+
     def encoder_kwargs(self) -> dict:
-        """JSON-able kwargs of the timm `VisionTransformer` that holds this encoder (``num_classes=0``)."""
-        return dict(self._encoder_args, **self.encoder_layout, fc_norm=False, num_classes=0)
+        """JSON-able kwargs that turn ``timm.create_model(self.encoder_architecture(), ...)`` into this encoder
+        (``num_classes=0``); for the registered models they are complete `VisionTransformer` kwargs as well."""
+        return dict(self._encoder_args, num_classes=0)

@@ -1,85 +1,79 @@
 """Masked Autoencoders Are Scalable Vision Learners (He et al., 2021, https://arxiv.org/abs/2111.06377).
 
-The late-mask MAE: the encoder sees only the visible patches plus the cls token; a light decoder gets the
-encoded visible tokens and shared mask tokens back in the original order, adds a fixed sin-cos position
-table and predicts the pixels of every patch; the loss is the MSE on the removed patches.
+The late-mask MAE: the encoder sees only the visible patches plus its prefix tokens (class and register
+tokens, never masked); a light decoder gets the encoded tokens and shared mask tokens back in the original
+order, adds a fixed sin-cos position table and predicts the pixels of every patch; the loss is the MSE on the
+removed patches.
 
-What differs from the official `models_mae.py`: built on timm's `VisionTransformer` (so `forward_features`,
-`forward_head`, grad checkpointing and timm's loaders work), sin-cos tables built in torch, masking from
-`mae_timm.layers` (random, block or grid). State-dict keys and numerics are the official ones, so released
-checkpoints load unchanged and, given the same `noise`, the outputs equal the official code's.
+What differs from the official `models_mae.py`: the encoder is any timm `VisionTransformer`, adopted at the top
+level (`pretext_vit.PretextViT`), so `forward_features`, `forward_intermediates`, grad checkpointing and timm's
+loaders work and the encoder's keys are timm's. The registered models are this same class built from a named
+timm ViT with the official configuration (cls token, fixed 2-D sin-cos table, MAE init): their state-dict keys
+and numerics are the official ones, so released checkpoints load unchanged and, given the same `noise`, the
+outputs equal the official code's. Sin-cos tables are built in torch, masking comes from `mae_timm.layers`
+(random, block or grid).
 """
 
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from mae_timm.layers import gather_tokens, get_2d_sincos_pos_embed, resample_pos_embed, restore_tokens
+from mae_timm.layers import gather_tokens, resample_pos_embed, restore_tokens
 from mae_timm.models.base import ReconstructionOutput
-from mae_timm.models.common import PixelReconstruction, init_linear_and_norm, mask_ids_for, pretext_cfg
+from mae_timm.models.common import mask_ids_for, pretext_cfg
+from mae_timm.models.pretext_vit import PretextViT, check_head_kwargs, decoder_norm_layer, sincos_table
 
 __all__ = ["MaskedAutoencoderViT", "checkpoint_filter_fn"]
 
 
-class MaskedAutoencoderViT(PixelReconstruction, VisionTransformer):
-    """MAE with a timm ViT encoder (cls token, fixed sin-cos `pos_embed`) and a timm-Block decoder."""
+class MaskedAutoencoderViT(PretextViT):
+    """MAE over a timm ViT encoder (a timm model name + its kwargs, or a ViT built by ``timm.create_model``) with
+    the official timm-Block decoder. Adopting the encoder at the top level (rather than holding it as
+    ``self.encoder``) keeps the official keys (``patch_embed.proj.weight``, ``blocks.N.*``) and timm's ViT methods.
 
-    encoder_layout = dict(class_token=True, global_pool="token")
+    ``mae_init=True`` is the official recipe for the encoder too (frozen sin-cos table, xavier init); otherwise
+    the encoder keeps timm's init and its own position table. The decoder's MLP ratio follows the encoder's
+    ``mlp_ratio`` kwarg (4 when not given), as in the official code.
+    """
+
+    pretext_options = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio",
+                       "norm_pix_loss", "loss_on_all_patches", "mask_type", "mae_init")
+    pretext_keys = ("decoder_", "mask_token")
+    pretext_no_weight_decay = {"mask_token", "decoder_pos_embed"}
 
     def __init__(
         self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 1024,
-        depth: int = 24,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
+        encoder: str | VisionTransformer = "vit_large_patch16_224",
         decoder_embed_dim: int = 512,
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
+        decoder_mlp_ratio: float | None = None,
         norm_pix_loss: bool = False,
         loss_on_all_patches: bool = False,
         mask_type: str = "random",
-        **kwargs,
+        mae_init: bool = False,
+        **encoder_kwargs,
     ):
-        kwargs.pop("num_classes", None)  # a pretext model has no classifier; timm's factory may pass one
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=0,
-            global_pool="token",
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=True,
-            class_token=True,
-            norm_layer=norm_layer,
-            **kwargs,
-        )
+        self.adopt_encoder(encoder, encoder_kwargs)
         self.norm_pix_loss = norm_pix_loss
         self.loss_on_all_patches = loss_on_all_patches
         self.mask_type = mask_type
-        self.record_encoder_args(
-            kwargs, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio,
-        )
-        self.pos_embed.requires_grad_(False)  # fixed sin-cos, as in the paper
-        num_patches = self.patch_embed.num_patches
-        patch_dim = self.patch_embed.patch_size[0] * self.patch_embed.patch_size[1] * in_chans
+        num_patches, prefix = self.patch_embed.num_patches, self.num_prefix_tokens
+        patch_dim = self.patch_embed.patch_size[0] * self.patch_embed.patch_size[1] * self.in_chans
+        mlp_ratio = decoder_mlp_ratio or encoder_kwargs.get("mlp_ratio", 4.0)
+        norm_layer = decoder_norm_layer()
 
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.decoder_embed = nn.Linear(self.embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        # one zero row per prefix token (none without a class token), as the official cls slot
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, prefix + num_patches, decoder_embed_dim), requires_grad=False
+        )
         self.decoder_blocks = nn.ModuleList(
             [
                 Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
@@ -88,52 +82,39 @@ class MaskedAutoencoderViT(PixelReconstruction, VisionTransformer):
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_dim, bias=True)  # decoder to patch
-        self.initialize_mae_weights()
-
-    def initialize_mae_weights(self) -> None:
-        """The official initialisation: sin-cos tables, xavier for linear layers and the patch projection."""
-        grid = self.patch_embed.grid_size
-        self.pos_embed.data.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, cls_token=True)[None])
-        self.decoder_pos_embed.data.copy_(
-            get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True)[None]
-        )
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))  # like nn.Linear, not nn.Conv2d
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(init_linear_and_norm)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
+        self.decoder_pos_embed.data.copy_(sincos_table(decoder_embed_dim, self.patch_embed.grid_size, prefix))
+        decoder = [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]
+        self.init_pretext_weights(decoder, mae_init)
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (N, C, H, W) -> latent (N, 1 + len_keep, D), mask (N, L), ids_restore (N, L)."""
-        x = self.patch_embed(imgs)  # (N, L, D)
-        x = x + self.pos_embed[:, 1:, :]
+        """imgs (N, C, H, W) -> latent (N, P + len_keep, D), mask (N, L), ids_restore (N, L); P = num_prefix_tokens.
+
+        At mask ratio 0 with ascending ``noise`` the latent is timm's ``forward_features(imgs)``.
+        """
+        x = self.add_patch_positions(self.patch_embed(imgs))  # (N, L, D)
         ids_keep, mask, ids_restore = mask_ids_for(
             self.mask_type, x.shape[0], self.patch_embed.grid_size, mask_ratio, noise, x.device
         )
         x = gather_tokens(x, ids_keep)  # (N, len_keep, D)
-        cls_token = self.cls_token + self.pos_embed[:, :1, :]
-        x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (N, 1 + len_keep, D)
-        x = self.blocks(x)
-        x = self.norm(x)
-        return x, mask, ids_restore
+        return self.encode(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent (N, 1 + len_keep, D) -> pred (N, L, p*p*C)."""
-        x = self.decoder_embed(latent)  # (N, 1 + len_keep, Dd)
-        patches = restore_tokens(x[:, 1:, :], self.mask_token, ids_restore)  # (N, L, Dd), original order
-        x = torch.cat([x[:, :1, :], patches], dim=1)  # (N, 1 + L, Dd)
+        """latent (N, P + len_keep, D) -> pred (N, L, p*p*C).
+
+        ``fc_norm`` is the final norm of encoders that normalise after pooling (avg-pool ViTs, whose ``norm`` is
+        an identity); applied per token here it is trained like MAE's encoder norm. Identity for the others.
+        """
+        prefix = self.num_prefix_tokens
+        x = self.decoder_embed(self.fc_norm(latent))  # (N, P + len_keep, Dd)
+        patches = restore_tokens(x[:, prefix:, :], self.mask_token, ids_restore)  # (N, L, Dd), original order
+        x = torch.cat([x[:, :prefix, :], patches], dim=1)  # (N, P + L, Dd)
         x = x + self.decoder_pos_embed
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self.run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
-        return x[:, 1:, :]  # remove cls token
+        return x[:, prefix:, :]  # remove the prefix tokens
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
@@ -144,20 +125,16 @@ class MaskedAutoencoderViT(PixelReconstruction, VisionTransformer):
         loss = self.forward_loss(imgs, pred, mask)
         return ReconstructionOutput(loss, pred, mask)
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights under timm `VisionTransformer` names (the same as the official ones)."""
-        return {k: v for k, v in self.state_dict().items() if not _is_decoder_key(k)}
-
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Official checkpoints load as they are: pos tables are resampled to this model's grid, and an
         encoder-only release loads with a warning that the decoder stays randomly initialised."""
         state_dict = checkpoint_filter_fn(state_dict, self)
-        if strict and not any(_is_decoder_key(k) for k in state_dict):
+        if strict and not any(k.startswith(self.pretext_keys) for k in state_dict):
             warnings.warn(
                 "mae_timm: checkpoint holds the encoder only; the decoder stays randomly initialised", stacklevel=2
             )
             result = super().load_state_dict(state_dict, strict=False, assign=assign)
-            missing = [k for k in result.missing_keys if not _is_decoder_key(k)]
+            missing = [k for k in result.missing_keys if not k.startswith(self.pretext_keys)]
             if missing or result.unexpected_keys:
                 raise RuntimeError(
                     f"encoder checkpoint does not match the model: missing {missing}, "
@@ -167,22 +144,24 @@ class MaskedAutoencoderViT(PixelReconstruction, VisionTransformer):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _is_decoder_key(key: str) -> bool:
-    return key.startswith("decoder_") or key == "mask_token"
-
-
 def checkpoint_filter_fn(state_dict: dict, model: MaskedAutoencoderViT) -> dict:
     """Take an official / mae_timm state dict (optionally wrapped in {'model': ...}) to this model's shapes:
-    classifier keys of fine-tuned checkpoints are dropped, pos tables resampled to the model's grid (2-D bicubic)."""
+    classifier keys of fine-tuned checkpoints are dropped (``fc_norm`` too unless the encoder has one), pos
+    tables resampled to the model's grid (2-D bicubic, prefix rows kept)."""
     state_dict = state_dict.get("model", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    tables = {"pos_embed": model.pos_embed, "decoder_pos_embed": model.decoder_pos_embed}
+    dropped = ("head.",) if model.fc_norm.state_dict() else ("head.", "fc_norm.")
+    # table name -> (the model's table, its prefix rows)
+    tables = {
+        "pos_embed": (model.pos_embed, model.num_pos_prefix),
+        "decoder_pos_embed": (model.decoder_pos_embed, model.num_prefix_tokens),
+    }
     out = {}
     for key, value in state_dict.items():
-        if key.startswith(("head.", "fc_norm.")):
+        if key.startswith(dropped):
             continue
-        if key in tables and value.shape != tables[key].shape:
-            value = resample_pos_embed(value, model.patch_embed.grid_size, num_prefix_tokens=1)
+        if key in tables and value.shape != tables[key][0].shape:
+            value = resample_pos_embed(value, model.patch_embed.grid_size, num_prefix_tokens=tables[key][1])
         out[key] = value
     return out
 
@@ -220,30 +199,36 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_mae(variant: str, pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
+    check_head_kwargs(kwargs)  # before timm's factory turns features_only into a cryptic wrapper error
     # no pretrained_filter_fn: MaskedAutoencoderViT.load_state_dict applies checkpoint_filter_fn on every path
     # (pretrained=True, checkpoint_path=, a plain load_state_dict), so it runs once
     return build_model_with_cfg(MaskedAutoencoderViT, variant, pretrained, **kwargs)
 
 
-# The official configurations (decoder 512 d x 8 blocks, 16 heads; LayerNorm eps 1e-6)
+# The official configurations: a timm ViT with cls token and token pooling, the fixed sin-cos table and MAE's
+# init (`mae_init`); decoder 512 d x 8 blocks, 16 heads; LayerNorm eps 1e-6 (timm's ViT default)
+_OFFICIAL = dict(mlp_ratio=4.0, class_token=True, global_pool="token", fc_norm=False, mae_init=True)
 _DEC512D8B = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 @register_model
 def mae_vit_base_patch16(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
-    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_DEC512D8B)
+    model_args = dict(encoder="vit_base_patch16_224", patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                      **_DEC512D8B, **_OFFICIAL)
     return _create_mae("mae_vit_base_patch16", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def mae_vit_large_patch16(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
-    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_DEC512D8B)
+    model_args = dict(encoder="vit_large_patch16_224", patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                      **_DEC512D8B, **_OFFICIAL)
     return _create_mae("mae_vit_large_patch16", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def mae_vit_huge_patch14(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
-    model_args = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_DEC512D8B)
+    model_args = dict(encoder="vit_huge_patch14_224", patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                      **_DEC512D8B, **_OFFICIAL)
     return _create_mae("mae_vit_huge_patch14", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -252,22 +237,22 @@ def mae_vit_huge_patch14(pretrained: bool = False, **kwargs) -> MaskedAutoencode
 # shallow, narrow decoder loses little while keeping the decoder's share of compute small.
 @register_model
 def mae_vit_tiny_patch8_64(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
-    model_args = dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128,
-                      decoder_depth=4, decoder_num_heads=4)
+    model_args = dict(encoder="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                      decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4, **_OFFICIAL)
     return _create_mae("mae_vit_tiny_patch8_64", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def mae_vit_small_patch8_64(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
-    model_args = dict(img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256,
-                      decoder_depth=4, decoder_num_heads=8)
+    model_args = dict(encoder="vit_small_patch16_224", img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6,
+                      decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, **_OFFICIAL)
     return _create_mae("mae_vit_small_patch8_64", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def mae_vit_test(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
-    model_args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
-                      decoder_depth=1, decoder_num_heads=2)
+    model_args = dict(encoder="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **_OFFICIAL)
     return _create_mae("mae_vit_test", pretrained=pretrained, **dict(model_args, **kwargs))
 
 

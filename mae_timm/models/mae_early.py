@@ -7,16 +7,16 @@ every token; the encoder is a stack of timm Blocks followed by an MLP head that 
 decoder repeats the encoder's architecture without injecting position embeddings or mask tokens: timm
 Blocks plus an MLP head to pixels. The loss is the MAE loss (`masked_mse_loss`).
 
-What differs from the seed: timm Blocks and PatchEmbed, the 2-D sin-cos position table of MAE (the seed
-uses a fixed 1-D sinusoidal table), masking from `mae_timm.layers`, and embedding-space mask tokens (the
-seed swaps pixel patches for learnable pixel tokens before its linear projection, which is the same model
-family; embedding space is cheaper and what SimMIM does). The encoder sees all L tokens whatever the mask
-ratio, which is why it costs several times the late-mask MAE (see docs/benchmarks.md).
+What differs from the seed: the encoder is any timm `VisionTransformer` (adopted at the top level, see
+`pretext_vit.PretextViT`; its class and register tokens are never masked and pass through the decoder, whose
+prediction drops them), timm Blocks, the 2-D sin-cos position table of MAE for the registered models (the seed
+uses a fixed 1-D sinusoidal table), masking from `mae_timm.layers`, and embedding-space mask tokens (the seed
+swaps pixel patches for learnable pixel tokens before its linear projection, which is the same model family;
+embedding space is cheaper and what SimMIM does). The encoder sees all L tokens whatever the mask ratio, which
+is why it costs several times the late-mask MAE (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -24,72 +24,58 @@ from timm.layers import Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from mae_timm.layers import get_2d_sincos_pos_embed
 from mae_timm.models.base import ReconstructionOutput
-from mae_timm.models.common import PixelReconstruction, init_linear_and_norm, mask_ids_for, pretext_cfg
+from mae_timm.models.common import mask_ids_for, pretext_cfg
+from mae_timm.models.pretext_vit import PretextViT, check_head_kwargs, decoder_norm_layer
 
 __all__ = ["EarlyMaskViT"]
 
 
-class EarlyMaskViT(PixelReconstruction, VisionTransformer):
-    """Early-mask autoencoder with a timm ViT encoder (no cls token, fixed sin-cos `pos_embed`)."""
+class EarlyMaskViT(PretextViT):
+    """Early-mask autoencoder over a timm ViT encoder (a timm model name + its kwargs, or a ViT built by
+    ``timm.create_model``); the registered models use a ViT without cls token, mean pooling and MAE's init.
 
-    encoder_layout = dict(class_token=False, global_pool="avg")
+    The decoder copies the encoder's width, depth and heads unless ``decoder_*`` say otherwise; its MLP ratio
+    follows the encoder's ``mlp_ratio`` kwarg (4 when not given). ``mask_token_per_position`` chooses the
+    seed's bank of one learnable token per patch position (True) or one shared token (SimMIM).
+    """
+
+    pretext_options = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio",
+                       "mask_token_per_position", "norm_pix_loss", "loss_on_all_patches", "mask_type", "mae_init")
+    pretext_keys = ("decoder_", "encoder_head.", "mask_token")
+    pretext_no_weight_decay = {"mask_token"}
 
     def __init__(
         self,
-        img_size: int | tuple[int, int] = 64,
-        patch_size: int = 8,
-        in_chans: int = 3,
-        embed_dim: int = 192,
-        depth: int = 12,
-        num_heads: int = 3,
-        mlp_ratio: float = 4.0,
+        encoder: str | VisionTransformer = "vit_tiny_patch16_224",
         decoder_embed_dim: int | None = None,
         decoder_depth: int | None = None,
         decoder_num_heads: int | None = None,
+        decoder_mlp_ratio: float | None = None,
         mask_token_per_position: bool = True,
         norm_pix_loss: bool = False,
         loss_on_all_patches: bool = False,
         mask_type: str = "random",
-        **kwargs,
+        mae_init: bool = False,
+        **encoder_kwargs,
     ):
-        kwargs.pop("num_classes", None)  # a pretext model has no classifier; timm's factory may pass one
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=0,
-            global_pool="avg",
-            fc_norm=False,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=True,
-            class_token=False,
-            norm_layer=norm_layer,
-            **kwargs,
-        )
+        self.adopt_encoder(encoder, encoder_kwargs)
         # the decoder copies the encoder's architecture unless told otherwise
-        decoder_embed_dim = decoder_embed_dim or embed_dim
-        decoder_depth = depth if decoder_depth is None else decoder_depth
-        decoder_num_heads = decoder_num_heads or num_heads
+        decoder_embed_dim = decoder_embed_dim or self.embed_dim
+        decoder_depth = len(self.blocks) if decoder_depth is None else decoder_depth
+        decoder_num_heads = decoder_num_heads or self.blocks[0].attn.num_heads
+        mlp_ratio = decoder_mlp_ratio or encoder_kwargs.get("mlp_ratio", 4.0)
+        norm_layer = decoder_norm_layer()
         self.norm_pix_loss = norm_pix_loss
         self.loss_on_all_patches = loss_on_all_patches
         self.mask_type = mask_type
-        self.record_encoder_args(
-            kwargs, img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio,
-        )
-        self.pos_embed.requires_grad_(False)  # fixed sin-cos
         num_patches = self.patch_embed.num_patches
-        patch_dim = self.patch_embed.patch_size[0] * self.patch_embed.patch_size[1] * in_chans
+        patch_dim = self.patch_embed.patch_size[0] * self.patch_embed.patch_size[1] * self.in_chans
 
         # one learnable token per patch position (the seed's bank) or one shared token (SimMIM)
-        self.mask_token = nn.Parameter(torch.zeros(1, num_patches if mask_token_per_position else 1, embed_dim))
-        self.encoder_head = Mlp(embed_dim, hidden_features=embed_dim, out_features=decoder_embed_dim)
+        bank_size = num_patches if mask_token_per_position else 1
+        self.mask_token = nn.Parameter(torch.zeros(1, bank_size, self.embed_dim))
+        self.encoder_head = Mlp(self.embed_dim, hidden_features=self.embed_dim, out_features=decoder_embed_dim)
         self.decoder_blocks = nn.ModuleList(
             [
                 Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
@@ -98,40 +84,29 @@ class EarlyMaskViT(PixelReconstruction, VisionTransformer):
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = Mlp(decoder_embed_dim, hidden_features=decoder_embed_dim, out_features=patch_dim)
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """MAE's initialisation: sin-cos table, xavier for linear layers and the patch projection."""
-        table = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.patch_embed.grid_size)
-        self.pos_embed.data.copy_(table[None])
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(init_linear_and_norm)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "mask_token"}
+        decoder = [self.encoder_head, self.decoder_blocks, self.decoder_norm, self.decoder_pred]
+        self.init_pretext_weights(decoder, mae_init)
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """imgs (N, C, H, W) -> latent (N, L, Dd) (after the encoder's MLP head), mask (N, L) with 1 = removed."""
+        """imgs (N, C, H, W) -> latent (N, P + L, Dd) (after the encoder's MLP head), mask (N, L) with 1 = removed;
+        P = num_prefix_tokens (class and register tokens, never masked).
+
+        ``fc_norm`` (the final norm of avg-pool encoders, identity for the others) is applied per token, so the
+        pretext trains it like MAE's encoder norm.
+        """
         x = self.patch_embed(imgs)  # (N, L, D)
         _, mask, _ = mask_ids_for(self.mask_type, x.shape[0], self.patch_embed.grid_size, mask_ratio, noise, x.device)
         x = torch.where(mask.bool().unsqueeze(-1), self.mask_token.to(x.dtype), x)  # mask tokens where removed
-        x = x + self.pos_embed
-        x = self.blocks(x)
-        x = self.norm(x)
-        return self.encoder_head(x), mask
+        x = self.encode(self.add_patch_positions(x))  # (N, P + L, D)
+        return self.encoder_head(self.fc_norm(x)), mask
 
     def forward_decoder(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent (N, L, Dd) -> pred (N, L, p*p*C); no position table and no mask tokens enter here."""
-        x = latent
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        """latent (N, P + L, Dd) -> pred (N, L, p*p*C); no position table and no mask tokens enter here."""
+        x = self.run_blocks(self.decoder_blocks, latent)
         x = self.decoder_norm(x)
-        return self.decoder_pred(x)
+        return self.decoder_pred(x)[:, self.num_prefix_tokens:, :]
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
@@ -141,11 +116,6 @@ class EarlyMaskViT(PixelReconstruction, VisionTransformer):
         pred = self.forward_decoder(latent)
         loss = self.forward_loss(imgs, pred, mask)
         return ReconstructionOutput(loss, pred, mask)
-
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """Patch embedding, position table, blocks and final norm under timm `VisionTransformer` names."""
-        prefixes = ("decoder_", "encoder_head.", "mask_token")
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
 
 
 default_cfgs = generate_default_cfgs(
@@ -166,22 +136,30 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_early_mask(variant: str, pretrained: bool = False, **kwargs) -> EarlyMaskViT:
+    check_head_kwargs(kwargs)  # before timm's factory turns features_only into a cryptic wrapper error
     return build_model_with_cfg(EarlyMaskViT, variant, pretrained, **kwargs)
+
+
+# a timm ViT without cls token, mean pooling and no fc_norm; fixed sin-cos table and MAE's init (`mae_init`)
+_SEED = dict(mlp_ratio=4.0, class_token=False, global_pool="avg", fc_norm=False, mae_init=True)
 
 
 @register_model
 def mae_vit_tiny_early_mask(pretrained: bool = False, **kwargs) -> EarlyMaskViT:
-    model_args = dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3)
+    model_args = dict(encoder="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                      **_SEED)
     return _create_early_mask("mae_vit_tiny_early_mask", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def mae_vit_small_early_mask(pretrained: bool = False, **kwargs) -> EarlyMaskViT:
-    model_args = dict(img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6)
+    model_args = dict(encoder="vit_small_patch16_224", img_size=64, patch_size=8, embed_dim=384, depth=12, num_heads=6,
+                      **_SEED)
     return _create_early_mask("mae_vit_small_early_mask", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def mae_vit_test_early_mask(pretrained: bool = False, **kwargs) -> EarlyMaskViT:
-    model_args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    model_args = dict(encoder="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                      **_SEED)
     return _create_early_mask("mae_vit_test_early_mask", pretrained=pretrained, **dict(model_args, **kwargs))
