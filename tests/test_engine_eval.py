@@ -5,8 +5,6 @@ themselves are tested in ``test_eval_protocols.py``."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -199,8 +197,7 @@ def test_demo_with_reduced_steps(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import quality
+    from benchmarks import quality
 
     args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--arms", "mae_early,random",
             "--pretrain-steps", "2", "--batch-size", "64", "--linprobe-epochs", "1", "--finetune-epochs", "1",

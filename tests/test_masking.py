@@ -1,24 +1,20 @@
 """Properties of the masking ops over many drawn batches, lengths, ratios and dtypes; the vectorised block and
 grid masks against the per-sample loops they replaced (kept as the reference in ``benchmarks/masking.py``)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given
 from strategies import bad_mask_ratios, patch_grids, seeds, token_batches
 
-from mae_timm import block_masking, gather_tokens, grid_masking, random_masking, random_masking_ids, restore_tokens
-from mae_timm.layers import num_kept
-from mae_timm.layers.masking import _BLOCK_ATTEMPTS, _ids_with_exact_count, _sample_blocks
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.masking import (  # noqa: E402
+from benchmarks.masking import (
     reference_block_masking,
     reference_grid_masking,
     reference_sample_blocks,
 )
+from mae_timm import block_masking, gather_tokens, grid_masking, random_masking, random_masking_ids, restore_tokens
+from mae_timm.layers import num_kept
+from mae_timm.layers.masking import _BLOCK_ATTEMPTS, _ids_with_exact_count, _sample_blocks
 
 
 def check_triple(ids_keep, mask, ids_restore, length, len_keep):

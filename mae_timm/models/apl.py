@@ -225,6 +225,10 @@ class APLViT(PretextModel, nn.Module):
         logits = self.head(self.forward_tokens(x))  # (N, T', T)
         return PuzzleOutput(self.forward_loss(logits, targets), logits, targets)
 
+    def encoder_architecture(self) -> str:
+        """A timm ViT name; ``encoder_kwargs`` sets every architecture number, so the name only picks the class."""
+        return "vit_tiny_patch16_224"
+
     def encoder_kwargs(self) -> dict:
         """JSON-able kwargs of the equivalent timm `VisionTransformer` (no position embedding, mean pooling)."""
         self.patch_embed.check_exportable()

@@ -64,8 +64,13 @@ class PretextModel:
     predicts_pixels: ClassVar[bool] = False  # forward returns a ReconstructionOutput; the model has `norm_pix_loss`
     takes_mask_ratio: ClassVar[bool] = False  # forward takes `mask_ratio` and `noise` (the official ranking)
 
+    def encoder_architecture(self) -> str:
+        """The registered timm model name that, with ``encoder_kwargs()``, builds the encoder in timm."""
+        raise NotImplementedError
+
     def encoder_kwargs(self) -> dict:
-        """JSON-able kwargs of the timm ``VisionTransformer`` that holds the encoder (``num_classes=0``)."""
+        """JSON-able kwargs that turn ``timm.create_model(encoder_architecture(), ...)`` into the encoder
+        (``num_classes=0``)."""
         raise NotImplementedError
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:

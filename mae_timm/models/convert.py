@@ -55,10 +55,11 @@ def export_encoder(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def create_timm_encoder(model: nn.Module, **overrides) -> VisionTransformer:
-    """A timm `VisionTransformer` with ``model``'s encoder weights; ``overrides`` (e.g. ``num_classes=10``,
-    ``drop_path_rate=0.1``, ``global_pool='avg'``) change the head and regularisation, not the weights."""
+    """The timm model the encoder came from (``timm.create_model(model.encoder_architecture(), ...)``) with its
+    weights; ``overrides`` (e.g. ``num_classes=10``, ``drop_path_rate=0.1``, ``global_pool='avg'``) change the head
+    and regularisation, not the weights."""
     kwargs = dict(encoder_kwargs(model), **overrides)
-    vit = VisionTransformer(**kwargs)
+    vit = timm.create_model(model.encoder_architecture(), **kwargs)
     state = export_encoder(model)
     result = vit.load_state_dict(state, strict=False)
     # only the new head (and fc_norm, when pooling changes to avg with fc_norm) may be missing
