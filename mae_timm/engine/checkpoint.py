@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
 from mae_timm.engine.runtime import atomic_write, fsync_dir
+from mae_timm.models.factory import create_model_from_record
 
 __all__ = [
     "capture_rng_state",
@@ -137,12 +137,13 @@ def _to_tuple(value):
 
 
 def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the pretext model of a checkpoint (``timm.create_model(model_name, **model_kwargs)``), strict load.
+    """Rebuild the pretext model of a checkpoint (a registered ``model_name`` or a ``pretext`` over a timm
+    ``encoder``, see :func:`mae_timm.models.factory.create_model_from_record`), strict load.
 
     Returns ``(model in eval mode, checkpoint dict)``.
     """
     ckpt = load_checkpoint(path, map_location)
-    model = timm.create_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    model = create_model_from_record(ckpt)
     model.load_state_dict(ckpt["model"], strict=True)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)

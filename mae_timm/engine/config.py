@@ -29,6 +29,11 @@ class PretrainConfig:
     # model
     model: str = "mae_vit_tiny_patch8_64"  # any registered pretext model (mae_*, apl_*) by timm name
     model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. {"drop_path_rate": 0.1}
+    # or any timm ViT: `pretext` ("mae" / "early_mask") over the timm model `encoder` built with `encoder_kwargs`;
+    # `model_kwargs` then holds the pretext options (decoder_embed_dim, decoder_depth, mask_type, ...)
+    pretext: str | None = None
+    encoder: str | None = None  # e.g. vit_small_patch14_reg4_dinov2
+    encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"img_size": 56}
     norm_pix_loss: bool = True  # MAE: per-patch normalised pixel targets (paper table 1c); models without it ignore it
     mask_ratio: float = 0.75  # MAE: 75 % masked (paper fig. 5); passed to models whose forward takes mask_ratio
 

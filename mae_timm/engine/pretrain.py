@@ -50,6 +50,7 @@ from mae_timm.engine.runtime import (
     seed_everything,
 )
 from mae_timm.models.base import is_pretext_model
+from mae_timm.models.factory import create_model_from_record, model_record
 
 __all__ = ["NonFiniteLossError", "PretrainResult", "Trainer", "build_model", "pretrain", "train", "update_batches"]
 
@@ -81,7 +82,9 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     resumed = agree_on_resume(cfg.resume, run_dir, info.is_main)  # a used --out stops the run here, before any work
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, model_kwargs = build_model(cfg.model, cfg.model_kwargs, cfg.norm_pix_loss)
+    model, record = build_model(
+        model_record(cfg.model, cfg.model_kwargs, cfg.pretext, cfg.encoder, cfg.encoder_kwargs), cfg.norm_pix_loss
+    )
     model.to(info.device).train()
     img_size = cfg.img_size or int(model.patch_embed.img_size[-1])  # the size the model was built for
     loader = _create_loader(cfg, info.rank, img_size, split=cfg.split, train=True, batch_size=cfg.batch_size)
@@ -113,20 +116,19 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
         clip_grad=cfg.clip_grad,
         updates_per_epoch=updates_per_epoch,
         accum_steps=cfg.accum_steps,
-        record=dict(model_name=cfg.model, model_kwargs=model_kwargs, world_size=info.world_size,
-                    config=dataclasses.asdict(cfg), version=__version__),
+        record=dict(record, world_size=info.world_size, config=dataclasses.asdict(cfg), version=__version__),
     )
     step, last_checkpoint = 0, None
     if resumed is not None:
         last_checkpoint, ckpt = resumed
-        check_resumable(ckpt, last_checkpoint, cfg.model, updates_per_epoch)
+        check_resumable(ckpt, last_checkpoint, record["model_name"], updates_per_epoch)
         step = trainer.load_state_dict(ckpt)
 
     output = None
     if info.is_main:
         if resumed is not None:
             print(f"resumed from {last_checkpoint} at step {step}")
-        print(f"pretraining {cfg.model} on {info.world_size} x {info.device}, global batch {global_batch}, "
+        print(f"pretraining {record['model_name']} on {info.world_size} x {info.device}, global batch {global_batch}, "
               f"lr {lr:.3g}, {updates_per_epoch} updates/epoch, {total_steps} updates; run folder {run_dir}")
         output = RunOutput(
             run_dir, cfg, step, total_steps, updates_per_epoch, save_every_steps=cfg.save_every_steps,
@@ -250,23 +252,27 @@ class Trainer:
         return ckpt["step"]
 
 
-def build_model(name: str, model_kwargs: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:
-    """``timm.create_model(name, **model_kwargs)`` -> (pretext model, the kwargs that rebuild it).
+def build_model(record: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:
+    """A :func:`~mae_timm.models.factory.model_record` -> (pretext model, the record that rebuilds it).
 
-    Pixel models (``predicts_pixels``) get ``norm_pix_loss``, recorded in the returned kwargs (the checkpoint's
-    ``model_kwargs``); other pretext models have no such switch. Non-pretext models are refused.
+    Pixel models (``predicts_pixels``) get ``norm_pix_loss``, recorded in the record's ``model_kwargs`` (what the
+    checkpoint holds); other pretext models have no such switch. Non-pretext models are refused.
     """
-    pretext = ", ".join(timm.list_models(["mae_*", "apl_*"]))
-    if name not in timm.list_models():
-        raise UserError(f"unknown model {name!r}; pretext models: {pretext}")
-    model_kwargs = dict(model_kwargs)
-    model = timm.create_model(name, **model_kwargs)
+    name = record["model_name"]
+    registered = ", ".join(timm.list_models(["mae_*", "apl_*"]))
+    if record["pretext"] is None and name not in timm.list_models():
+        raise UserError(f"unknown model {name!r}; pretext models: {registered}")
+    record = dict(record, model_kwargs=dict(record["model_kwargs"]))
+    model = create_model_from_record(record)
     if not is_pretext_model(model):
-        raise UserError(f"{name} is not a pretext model (see mae_timm/models/base.py); pretext models: {pretext}")
+        raise UserError(
+            f"{name} is not a pretext model; pretext models: {registered}, or any timm ViT with "
+            f"--pretext mae|early_mask --encoder {name}"
+        )
     if model.predicts_pixels:
         # the flag only selects the loss target, so setting it after construction equals passing it as a kwarg
-        model.norm_pix_loss = model_kwargs["norm_pix_loss"] = norm_pix_loss
-    return model, model_kwargs
+        model.norm_pix_loss = record["model_kwargs"]["norm_pix_loss"] = norm_pix_loss
+    return model, record
 
 
 def _create_loader(cfg: PretrainConfig, rank: int, img_size: int, *, split: str, train: bool, batch_size: int):

@@ -11,13 +11,15 @@ function (see docs/models.md, "Any timm ViT").
 
 from __future__ import annotations
 
+import timm
+import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from mae_timm.models.mae import MaskedAutoencoderViT
 from mae_timm.models.mae_early import EarlyMaskViT
 from mae_timm.models.pretext_vit import PretextViT
 
-__all__ = ["PRETEXTS", "create_pretext_model"]
+__all__ = ["PRETEXTS", "create_model_from_record", "create_pretext_model", "model_record"]
 
 PRETEXTS: dict[str, type[PretextViT]] = {"mae": MaskedAutoencoderViT, "early_mask": EarlyMaskViT}
 
@@ -48,3 +50,33 @@ def create_pretext_model(
     if misplaced:
         raise ValueError(f"{misplaced} are {pretext} options, not timm kwargs; pass them outside encoder_kwargs")
     return cls(encoder, **pretext_kwargs, **encoder_kwargs)
+
+
+def model_record(
+    model_name: str | None, model_kwargs: dict, pretext: str | None = None, encoder: str | None = None,
+    encoder_kwargs: dict | None = None,
+) -> dict:
+    """What a run records to rebuild its model (JSON-able): a registered ``model_name`` + ``model_kwargs``, or a
+    ``pretext`` over a timm ``encoder`` (+ ``encoder_kwargs``), its options in ``model_kwargs``.
+
+    ``model_name`` of the second form is the label ``"<pretext>:<encoder>"``, so runs and checkpoints name their
+    model the same way in both forms.
+    """
+    if (pretext is None) != (encoder is None):
+        raise ValueError(
+            "pretext and encoder go together: pass both (e.g. --pretext mae --encoder vit_tiny_patch16_224) "
+            "or neither (and a registered --model)"
+        )
+    if pretext is not None:
+        model_name = f"{pretext}:{encoder}"
+    return dict(model_name=model_name, model_kwargs=dict(model_kwargs), pretext=pretext, encoder=encoder,
+                encoder_kwargs=dict(encoder_kwargs or {}))
+
+
+def create_model_from_record(record: dict) -> nn.Module:
+    """The model a :func:`model_record` (or a checkpoint holding its fields) describes, freshly initialised."""
+    if record.get("pretext") is not None:
+        return create_pretext_model(
+            record["pretext"], record["encoder"], record["encoder_kwargs"], **record["model_kwargs"]
+        )
+    return timm.create_model(record["model_name"], **record["model_kwargs"])
