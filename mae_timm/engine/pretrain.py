@@ -51,7 +51,8 @@ from mae_timm.engine.runtime import (
 from mae_timm.engine.step import PendingStats, StatsReader, compile_model, resolve_compile
 from mae_timm.models.base import is_pretext_model
 
-__all__ = ["NonFiniteLossError", "PretrainResult", "Trainer", "build_model", "pretrain", "train", "update_batches"]
+__all__ = ["NonFiniteLossError", "PretrainResult", "Trainer", "build_model", "build_trainer", "pretrain", "train",
+           "update_batches"]
 
 _STEP_STREAM, _EPOCH_STREAM = 0, 1  # tags that keep per-update and per-epoch seeds apart
 
@@ -91,33 +92,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
 
     global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
-    optimizer, scheduler = create_optimizer_and_schedule(
-        model, lr, cfg.weight_decay, cfg.betas, cfg.min_lr, cfg.epochs, cfg.warmup_epochs, updates_per_epoch,
-        fused=info.device.type == "cuda",  # one kernel for all parameters; the CPU keeps torch's default
-    )
-    ddp_model = None
-    if info.distributed:  # gradients are all-reduced during backward
-        ddp_model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
-    dtype = autocast_dtype(cfg.precision, info.device)
-    trainer = Trainer(
-        model=model,
-        train_model=compile_model(ddp_model or model, compile_mode),
-        ddp_model=ddp_model,
-        augment=GpuAugment(  # uint8 -> RandomResizedCrop + flip -> normalised float, on the device
-            model.pretrained_cfg["mean"], model.pretrained_cfg["std"], img_size=img_size, random_crop=True,
-            scale=(cfg.crop_scale_min, 1.0), hflip=0.5 * cfg.hflip,
-        ).to(info.device),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype is torch.float16),
-        autocast_dtype=dtype,
-        forward_kwargs=dict(mask_ratio=cfg.mask_ratio) if model.takes_mask_ratio else {},  # APL takes none
-        clip_grad=cfg.clip_grad,
-        updates_per_epoch=updates_per_epoch,
-        accum_steps=cfg.accum_steps,
-        record=dict(model_name=cfg.model, model_kwargs=model_kwargs, world_size=info.world_size,
-                    config=dataclasses.asdict(cfg), version=__version__),
-    )
+    trainer = build_trainer(cfg, info, model, model_kwargs, img_size, lr, updates_per_epoch, compile_mode)
     step, last_checkpoint = 0, None
     if resumed is not None:
         last_checkpoint, ckpt = resumed
@@ -263,6 +238,39 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"])
         return ckpt["step"]
+
+
+def build_trainer(cfg: PretrainConfig, info: DistInfo, model: nn.Module, model_kwargs: dict, img_size: int, lr: float,
+                  updates_per_epoch: int, compile_mode: str) -> Trainer:
+    """What updates ``model`` (on its device, in train mode) as ``cfg`` says: DDP and ``torch.compile`` around it,
+    the device augmentation, AdamW (fused on CUDA) + schedule, the gradient scaler and autocast."""
+    optimizer, scheduler = create_optimizer_and_schedule(
+        model, lr, cfg.weight_decay, cfg.betas, cfg.min_lr, cfg.epochs, cfg.warmup_epochs, updates_per_epoch,
+        fused=info.device.type == "cuda",  # one kernel for all parameters; the CPU keeps torch's default
+    )
+    ddp_model = None
+    if info.distributed:  # gradients are all-reduced during backward
+        ddp_model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
+    dtype = autocast_dtype(cfg.precision, info.device)
+    return Trainer(
+        model=model,
+        train_model=compile_model(ddp_model or model, compile_mode),
+        ddp_model=ddp_model,
+        augment=GpuAugment(  # uint8 -> RandomResizedCrop + flip -> normalised float, on the device
+            model.pretrained_cfg["mean"], model.pretrained_cfg["std"], img_size=img_size, random_crop=True,
+            scale=(cfg.crop_scale_min, 1.0), hflip=0.5 * cfg.hflip,
+        ).to(info.device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype is torch.float16),
+        autocast_dtype=dtype,
+        forward_kwargs=dict(mask_ratio=cfg.mask_ratio) if model.takes_mask_ratio else {},  # APL takes none
+        clip_grad=cfg.clip_grad,
+        updates_per_epoch=updates_per_epoch,
+        accum_steps=cfg.accum_steps,
+        record=dict(model_name=cfg.model, model_kwargs=model_kwargs, world_size=info.world_size,
+                    config=dataclasses.asdict(cfg), version=__version__),
+    )
 
 
 def build_model(name: str, model_kwargs: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:

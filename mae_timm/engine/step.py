@@ -1,6 +1,6 @@
 """What lets a pretraining update run without waiting on the host: the compile modes and lagged statistics.
 
-* ``compile``: ``off``, ``default`` (inductor kernels), ``max-autotune`` (inductor with autotuned matmuls),
+* ``compile``: ``off``, ``default`` (inductor kernels), ``max-autotune`` (autotuned matmuls, CUDA graphs),
   ``reduce-overhead`` (inductor plus CUDA graphs of the forward and backward), or ``auto``: ``off`` on the CPU and
   ``default`` on CUDA. Shapes are static (``dynamic=False``): the training loader yields full batches only and the
   masks keep exactly ``len_keep`` tokens per sample, so one graph serves every update.
