@@ -63,7 +63,9 @@ class PretrainConfig:
     # execution
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp16 (with a grad scaler), fp32
-    compile: bool = False  # torch.compile the model (minutes of compile time, faster steps on a GPU)
+    # torch.compile the forward + backward: off, default, max-autotune, reduce-overhead (CUDA graphs), or auto (off on
+    # the CPU, default on CUDA; docs/training.md says why); true / false read as default / off
+    compile: str = "auto"
     seed: int = 0  # model init, data order and masks; each rank derives its own stream from (seed, rank, step)
 
     # output

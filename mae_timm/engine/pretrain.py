@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 import math
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +48,12 @@ from mae_timm.engine.runtime import (
     derive_seed,
     seed_everything,
 )
+from mae_timm.engine.step import PendingStats, StatsReader, compile_model, resolve_compile
 from mae_timm.models.base import is_pretext_model
 from mae_timm.models.factory import create_model_from_record, model_record
 
-__all__ = ["NonFiniteLossError", "PretrainResult", "Trainer", "build_model", "pretrain", "train", "update_batches"]
+__all__ = ["NonFiniteLossError", "PretrainResult", "Trainer", "build_model", "build_trainer", "pretrain", "train",
+           "update_batches"]
 
 _STEP_STREAM, _EPOCH_STREAM = 0, 1  # tags that keep per-update and per-epoch seeds apart
 
@@ -78,6 +79,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
 def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     check_warmup(cfg.warmup_epochs, cfg.epochs)
+    compile_mode = resolve_compile(cfg.compile, info.device)
     run_dir = Path(cfg.out)
     resumed = agree_on_resume(cfg.resume, run_dir, info.is_main)  # a used --out stops the run here, before any work
 
@@ -93,31 +95,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
 
     global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
-    optimizer, scheduler = create_optimizer_and_schedule(
-        model, lr, cfg.weight_decay, cfg.betas, cfg.min_lr, cfg.epochs, cfg.warmup_epochs, updates_per_epoch
-    )
-    ddp_model = None
-    if info.distributed:  # gradients are all-reduced during backward
-        ddp_model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
-    dtype = autocast_dtype(cfg.precision, info.device)
-    trainer = Trainer(
-        model=model,
-        train_model=torch.compile(ddp_model or model) if cfg.compile else ddp_model or model,
-        ddp_model=ddp_model,
-        augment=GpuAugment(  # uint8 -> RandomResizedCrop + flip -> normalised float, on the device
-            model.pretrained_cfg["mean"], model.pretrained_cfg["std"], img_size=img_size, random_crop=True,
-            scale=(cfg.crop_scale_min, 1.0), hflip=0.5 * cfg.hflip,
-        ).to(info.device),
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype is torch.float16),
-        autocast_dtype=dtype,
-        forward_kwargs=dict(mask_ratio=cfg.mask_ratio) if model.takes_mask_ratio else {},  # APL takes none
-        clip_grad=cfg.clip_grad,
-        updates_per_epoch=updates_per_epoch,
-        accum_steps=cfg.accum_steps,
-        record=dict(record, world_size=info.world_size, config=dataclasses.asdict(cfg), version=__version__),
-    )
+    trainer = build_trainer(cfg, info, model, record, img_size, lr, updates_per_epoch, compile_mode)
     step, last_checkpoint = 0, None
     if resumed is not None:
         last_checkpoint, ckpt = resumed
@@ -129,7 +107,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
         if resumed is not None:
             print(f"resumed from {last_checkpoint} at step {step}")
         print(f"pretraining {record['model_name']} on {info.world_size} x {info.device}, global batch {global_batch}, "
-              f"lr {lr:.3g}, {updates_per_epoch} updates/epoch, {total_steps} updates; run folder {run_dir}")
+              f"lr {lr:.3g}, {updates_per_epoch} updates/epoch, {total_steps} updates, compile {compile_mode}; "
+              f"run folder {run_dir}")
         output = RunOutput(
             run_dir, cfg, step, total_steps, updates_per_epoch, save_every_steps=cfg.save_every_steps,
             save_every_epochs=cfg.save_every_epochs, keep_last=cfg.keep_last, viz_every_epochs=cfg.viz_every_epochs,
@@ -164,10 +143,13 @@ def train(t: Trainer, batches, start: int, seed: int, info: DistInfo, global_bat
           output: RunOutput | None, stop: StopRequest) -> tuple[int, float | None, bool]:
     """Run the updates ``batches`` yields, ``start`` being done -> (updates done, last loss, stopped by a signal).
 
-    One iteration is one optimizer update of ``len(micro_batches)`` accumulated micro-batches. Raises
-    NonFiniteLossError before touching the weights when the loss is NaN or infinite on any rank.
+    One iteration is one optimizer update of ``len(micro_batches)`` accumulated micro-batches. No update waits for
+    the device: its statistics (stop flag, loss, ``out.metrics``, grad norm) are read during the next update, after
+    that update's forward and backward are queued. A NaN or infinite loss (on any rank) therefore stops the run one
+    update later, with NonFiniteLossError naming the update where it happened; a checkpoint is written only after
+    the losses of all updates up to it were read and found finite.
     """
-    device, step, loss, last_time = info.device, start, None, time.perf_counter()
+    device, step, pending, read = info.device, start, None, StatsReader(output, global_batch)
     for update, micro_batches in batches:
         # reseeded after the batches were fetched: whatever the loader draws from the global generators (a
         # DataLoader starting lazily, mid-epoch on resume) cannot shift this update's masks and crops
@@ -184,33 +166,38 @@ def train(t: Trainer, batches, start: int, seed: int, info: DistInfo, global_bat
             loss_sum += out.loss.detach().float()
             for name, value in out.metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().float()
+        if pending is not None:  # the previous update is done on the device by now; this one is queued behind it
+            read(pending)
         # one collective per update: the stop flag, the mean loss (NaN on any rank -> NaN on all), the metrics
+        flag = torch.full((1,), float(stop.requested), device=device)  # a fill on the device, no copy from the host
         means = torch.stack([loss_sum, *metric_sums.values()]) / len(micro_batches)
-        stats = all_reduce_mean(torch.cat([torch.tensor([float(stop.requested)], device=device), means])).tolist()
-        stopping, loss, metrics = stats[0] > 0, stats[1], dict(zip(metric_sums, stats[2:], strict=True))
-        if not math.isfinite(loss):
-            t.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"loss is {loss} at step {update + 1}")
-        grad_norm = None
+        stats = dict(zip(["stop", "loss", *metric_sums], all_reduce_mean(torch.cat([flag, means])).unbind()))
         if t.clip_grad:
             t.scaler.unscale_(t.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(t.model.parameters(), t.clip_grad).item()
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(t.model.parameters(), t.clip_grad)  # a tensor: no wait
         t.scaler.step(t.optimizer)
         t.scaler.update()
         t.optimizer.zero_grad(set_to_none=True)
         step = update + 1
+        pending = PendingStats.start(step, t.optimizer.param_groups[0]["lr"], stats)
 
-        # wall time between updates: the .tolist() above waits for the device once per update
-        now = time.perf_counter()
-        imgs_per_s, last_time = global_batch / (now - last_time), now
+        # one process stops at once; ranks stop together, one update after the one whose all-reduce carried the flag
+        stopping = step >= read.stop_at if info.distributed else stop.requested
+        if stopping:  # every rank reads this update now: a non-finite loss raises before anything is saved
+            read(pending)
+            pending = None
         if output is not None:  # rank 0 writes
-            output.log(step, loss, t.optimizer.param_groups[0]["lr"], imgs_per_s, grad_norm, metrics)
-            if output.checkpoint_due(step, stopping):
+            # nothing unread is saved: read the update now (checkpoints are rare); a non-finite loss stays pending
+            # for the next read to raise, where every rank raises
+            if output.checkpoint_due(step, stopping) and (pending is None or read(pending, defer_non_finite=True)):
+                pending = None
                 output.save(t.state_dict(step), step)
             output.figures(step)
         if stopping:
-            return step, loss, True
-    return step, loss, False
+            return step, read.loss, True
+    if pending is not None:
+        read(pending)
+    return step, read.loss, False
 
 
 @dataclass
@@ -245,11 +232,47 @@ class Trainer:
     def load_state_dict(self, ckpt: dict) -> int:
         """Restore a checkpoint (checked by ``resume.check_resumable``); returns its step."""
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # this run's AdamW kernel (fused on CUDA) wins over the one the checkpoint was written with
+        kernel = [{key: group[key] for key in ("foreach", "fused")} for group in self.optimizer.param_groups]
+        saved = ckpt["optimizer"]
+        groups = [dict(group, **chosen) for group, chosen in zip(saved["param_groups"], kernel, strict=True)]
+        self.optimizer.load_state_dict(dict(saved, param_groups=groups))
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"])
         return ckpt["step"]
+
+
+def build_trainer(cfg: PretrainConfig, info: DistInfo, model: nn.Module, record: dict, img_size: int, lr: float,
+                  updates_per_epoch: int, compile_mode: str) -> Trainer:
+    """What updates ``model`` (on its device, in train mode) as ``cfg`` says: DDP and ``torch.compile`` around it,
+    the device augmentation, AdamW (fused on CUDA) + schedule, the gradient scaler and autocast."""
+    optimizer, scheduler = create_optimizer_and_schedule(
+        model, lr, cfg.weight_decay, cfg.betas, cfg.min_lr, cfg.epochs, cfg.warmup_epochs, updates_per_epoch,
+        fused=info.device.type == "cuda",  # one kernel for all parameters; the CPU keeps torch's default
+    )
+    ddp_model = None
+    if info.distributed:  # gradients are all-reduced during backward
+        ddp_model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
+    dtype = autocast_dtype(cfg.precision, info.device)
+    return Trainer(
+        model=model,
+        train_model=compile_model(ddp_model or model, compile_mode),
+        ddp_model=ddp_model,
+        augment=GpuAugment(  # uint8 -> RandomResizedCrop + flip -> normalised float, on the device
+            model.pretrained_cfg["mean"], model.pretrained_cfg["std"], img_size=img_size, random_crop=True,
+            scale=(cfg.crop_scale_min, 1.0), hflip=0.5 * cfg.hflip,
+        ).to(info.device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype is torch.float16),
+        autocast_dtype=dtype,
+        forward_kwargs=dict(mask_ratio=cfg.mask_ratio) if model.takes_mask_ratio else {},  # APL takes none
+        clip_grad=cfg.clip_grad,
+        updates_per_epoch=updates_per_epoch,
+        accum_steps=cfg.accum_steps,
+        record=dict(record, world_size=info.world_size, config=dataclasses.asdict(cfg), version=__version__),
+    )
 
 
 def build_model(record: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:
@@ -311,9 +334,14 @@ def _updates_per_epoch(loader_len: int, accum_steps: int) -> int:
 
 
 def create_optimizer_and_schedule(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                                  min_lr: float, epochs: int, warmup_epochs: int, updates_per_epoch: int):
-    """AdamW (timm: no decay on 1-d params and ``model.no_weight_decay()``) and the per-update warmup + cosine."""
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+                                  min_lr: float, epochs: int, warmup_epochs: int, updates_per_epoch: int,
+                                  fused: bool = False):
+    """AdamW (timm: no decay on 1-d params and ``model.no_weight_decay()``) and the per-update warmup + cosine.
+
+    ``fused``: torch's fused AdamW kernel (CUDA); otherwise torch's default implementation.
+    """
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+                                    **(dict(fused=True) if fused else {}))
     # MAE: the cosine spans the epochs after warmup, so the warmup is a prefix of the `epochs` total
     scheduler, _ = create_scheduler_v2(
         optimizer, "cosine", num_epochs=epochs - warmup_epochs, warmup_epochs=warmup_epochs, warmup_prefix=True,
