@@ -298,7 +298,11 @@ class NanAfter(PretextModel, nn.Module):
 
 def test_non_finite_loss_stops_naming_the_step(shards, tmp_path, monkeypatch, capsys):
     build = pretrain_module.build_model
-    monkeypatch.setattr(pretrain_module, "build_model", lambda *args: (NanAfter(build(*args)[0], 5), {}))
+    def build_nan_after_5(*args):
+        model, record = build(*args)
+        return NanAfter(model, 5), record
+
+    monkeypatch.setattr(pretrain_module, "build_model", build_nan_after_5)
     rc = cli.main(["pretrain", "--model", "mae_vit_test", "--data", str(shards), "--batch-size", "4",
                    "--num-workers", "0", "--save-every-steps", "2", "--no-tensorboard", "--no-progress",
                    "--viz-every-epochs", "0", "--out", str(tmp_path)])
