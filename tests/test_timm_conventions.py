@@ -2,7 +2,8 @@
 ``tests/test_models.py`` that apply to a pretext model (docs/models.md lists the ones that do not, and why).
 
 Every registered ``mae_*`` model runs in a tiny configuration, plus one factory model per pretext over a ViT
-with register tokens and ``no_embed_class`` (``vit_small_patch14_reg4_dinov2``).
+with register tokens and ``no_embed_class`` (``vit_small_patch14_reg4_dinov2``); the ``apl_*`` models get the same
+checks at the end, against their exported ViT (no class token, mean pooling).
 """
 
 import re
@@ -121,3 +122,85 @@ def test_forward_intermediates(name):
     assert [t.shape for t in intermediates] == [(2, model.embed_dim, *grid)] * len(model.blocks)
     only = model.forward_intermediates(x, indices=1, intermediates_only=True)
     torch.testing.assert_close(only[-1], intermediates[-1], atol=0, rtol=0)
+
+
+# ---- APL: the same conventions, read for a model whose encoder is a ViT without class token or position table ----
+
+APL_MODELS = timm.list_models("apl_*")
+
+
+def build_apl(name: str, **kwargs):
+    return timm.create_model(name, depth=2, **kwargs)
+
+
+@pytest.mark.parametrize("name", APL_MODELS)
+def test_apl_input_config_is_the_truth(name):
+    model = build_apl(name)
+    config = get_model_input_config(model)
+    assert model.pretrained_cfg["fixed_input_size"] and config["fixed_input_size"]
+    assert config["input_size"] == (3, *model.patch_embed.img_size)
+    assert model.pretrained_cfg["first_conv"] is None  # a linear / flatten patch encoder, no conv to adapt
+    height, width = model.patch_embed.img_size
+    with pytest.raises(ValueError, match="does not match"):
+        model(torch.randn(1, 3, height + 8, width))
+
+
+@pytest.mark.parametrize("name", APL_MODELS)
+def test_apl_features_and_head_are_the_exported_vits(name):
+    model = build_apl(name, patch_encoder="linear").eval()
+    vit = mae_timm.create_timm_encoder(model).eval()
+    x = inputs(model)
+    features = model.forward_features(x)
+    assert model.num_classes == 0 and model.num_prefix_tokens == 0 and model.global_pool == "avg"
+    assert features.shape == (2, model.patch_embed.num_patches, model.num_features)
+    torch.testing.assert_close(model.forward_head(features), vit.forward_head(vit.forward_features(x)),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    model.reset_classifier(0)
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    with pytest.raises(ValueError, match="export the encoder first"):
+        model.reset_classifier(10)
+    with pytest.raises(ValueError, match="global_pool='token'"):
+        model.reset_classifier(0, "token")
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_classes=10), dict(features_only=True)])
+def test_apl_classifier_and_feature_wrapper_say_export_first(kwargs):
+    with pytest.raises(ValueError, match=r"export the encoder first \(mae_timm.create_timm_encoder") as info:
+        build_apl("apl_vit_test", **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_apl_dynamic_img_size_is_refused_at_construction():
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        build_apl("apl_vit_test", dynamic_img_size=True)
+
+
+def test_apl_grad_checkpointing_gives_the_same_loss_and_gradients():
+    model = build_apl("apl_vit_test")  # eval-free: patch dropout is 0 for the test config
+    x = inputs(model)
+    runs = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        loss = model(x).loss
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-6, rtol=0)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", APL_MODELS)
+def test_apl_forward_intermediates_match_the_exported_vit(name):
+    model = build_apl(name).eval()
+    vit = mae_timm.create_timm_encoder(model).eval()
+    x = inputs(model)
+    final, intermediates = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x), atol=1e-6, rtol=0)
+    assert [t.shape for t in intermediates] == [(2, model.embed_dim, *model.patch_embed.grid_size)] * len(model.blocks)
+    assert [info["num_chs"] for info in model.feature_info] == [model.embed_dim] * len(model.blocks)
+    _, theirs = vit.forward_intermediates(x)
+    for ours, reference in zip(intermediates, theirs):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    only = model.forward_intermediates(x, indices=1, intermediates_only=True, norm=True, output_fmt="NLC")
+    torch.testing.assert_close(only[-1], final, atol=0, rtol=0)
