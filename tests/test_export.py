@@ -154,3 +154,36 @@ def test_export_command_prints_lines_that_work(tmp_path, capsys):
     assert eval(line, {"timm": timm}).num_classes == 0
     assert f"python train.py --model local-dir:{out} --pretrained --num-classes N" in printed
     assert json.loads((out / "config.json").read_text())["mae_timm"]["source"]["step"] == 3
+
+
+def test_finetune_saves_its_classifier_with_the_metrics(tmp_path):
+    from mae_timm.engine.config import FinetuneConfig
+    from mae_timm.engine.finetune import finetune_evaluate
+
+    model = timm.create_model("mae_vit_test")
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                torch.arange(8) % 4) for _ in range(2)]  # fmt: skip
+    cfg = FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=8, mixup=0, cutmix=0, save_dir=str(tmp_path / "ft"))
+    result = finetune_evaluate(model, batches, batches, 4, cfg, "cpu", log=lambda line: None)
+    out = tmp_path / "ft" / "last"
+    assert result["saved"] == {"last": str(out)}
+    config = json.loads((out / "config.json").read_text())
+    assert config["mae_timm"]["metrics"]["top1"] == result["top1"] and config["num_classes"] == 4
+    assert config["model_args"]["global_pool"] == "avg" and config["model_args"]["fc_norm"] is True
+    classifier = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert classifier.head.out_features == 4 and classifier.pretrained_cfg["mean"] == list(model.pretrained_cfg["mean"])
+
+
+def test_save_finetuned_writes_best_beside_last(tmp_path):
+    from mae_timm.engine.export import save_finetuned
+
+    model = randomized("early")
+    classifier = mae_timm.create_timm_encoder(model, num_classes=3)
+    best_state = {k: v.clone() for k, v in classifier.state_dict().items()}
+    torch.nn.init.ones_(classifier.head.weight)  # training went on after the best epoch
+    saved = save_finetuned(classifier, model, tmp_path / "ft", dict(top1=1.0), best=(best_state, dict(top1=2.0)))
+    assert saved == {"last": str(tmp_path / "ft" / "last"), "best": str(tmp_path / "ft" / "best")}
+    best = timm.create_model(f"local-dir:{saved['best']}", pretrained=True)
+    assert torch.equal(best.head.weight, best_state["head.weight"])
+    assert json.loads((tmp_path / "ft" / "best" / "config.json").read_text())["mae_timm"]["metrics"] == {"top1": 2.0}

@@ -17,6 +17,7 @@ Every writer checks what it wrote by loading it the way a user will, and only a 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ __all__ = [
     "export_hf_folder",
     "export_safetensors",
     "export_timm_folder",
+    "save_finetuned",
     "save_timm_folder",
     "train_py_line",
 ]
@@ -110,7 +112,7 @@ def save_timm_folder(
     The folder is renamed into place only after ``timm.create_model('local-dir:...', pretrained=True)`` rebuilt it
     with identical outputs; otherwise ``ValueError`` and ``out_dir`` stays as it was.
     """
-    vit = vit.eval()
+    vit = copy.deepcopy(vit).cpu().eval()  # the caller's model (maybe training, on a GPU) stays as it is
     vit.pretrained_cfg = dict(pretrained_cfg)  # save_for_hf reads the preprocessing from the model's cfg
     record = dict(version=mae_timm.__version__, source=source or {}, metrics=metrics or {})
     out_dir = Path(out_dir)
@@ -125,6 +127,21 @@ def export_timm_folder(model: nn.Module, out_dir: str | Path, *, source: dict | 
     """``model``'s encoder (``mae_timm.create_timm_encoder``, ``num_classes=0``) as a timm ``local-dir`` folder."""
     vit = mae_timm.create_timm_encoder(model).cpu()
     return save_timm_folder(vit, out_dir, pretrained_cfg=encoder_pretrained_cfg(model, vit), source=source)
+
+
+def save_finetuned(
+    classifier: nn.Module, model: nn.Module, out_dir: str | Path, metrics: dict, best: tuple[dict, dict] | None = None
+) -> dict[str, str]:
+    """A fine-tuned classifier of pretext ``model``'s encoder as timm ``local-dir`` folders with their metrics:
+    ``out_dir/last`` (the final weights) and, when model selection kept one, ``out_dir/best`` (``best`` =
+    (state dict, metrics) chosen on a held-out part of the training split). Returns {'last': path, 'best': path}."""
+    cfg = encoder_pretrained_cfg(model, classifier)
+    saved = {"last": save_timm_folder(classifier, Path(out_dir) / "last", pretrained_cfg=cfg, metrics=metrics)}
+    if best is not None:
+        best_classifier = copy.deepcopy(classifier).cpu()
+        best_classifier.load_state_dict(best[0])
+        saved["best"] = save_timm_folder(best_classifier, Path(out_dir) / "best", pretrained_cfg=cfg, metrics=best[1])
+    return {k: str(v) for k, v in saved.items()}
 
 
 @torch.no_grad()
