@@ -204,3 +204,20 @@ def test_apl_forward_intermediates_match_the_exported_vit(name):
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
     only = model.forward_intermediates(x, indices=1, intermediates_only=True, norm=True, output_fmt="NLC")
     torch.testing.assert_close(only[-1], final, atol=0, rtol=0)
+
+
+def test_pretrain_refuses_a_timm_vit_before_building_it(monkeypatch):
+    """`mae-timm pretrain --model vit_huge_patch14_224` says so at once (building it would take a minute)."""
+    import time
+
+    from mae_timm.engine.pretrain import build_model
+    from mae_timm.engine.runtime import UserError
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before it was refused")
+
+    monkeypatch.setattr(timm, "create_model", no_build)
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="vit_huge_patch14_224 is not a pretext model.*mae_vit_test"):
+        build_model("vit_huge_patch14_224", {}, norm_pix_loss=True)
+    assert time.perf_counter() - start < 1.0

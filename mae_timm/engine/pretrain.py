@@ -28,6 +28,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from timm.models import model_entrypoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
@@ -259,6 +260,8 @@ def build_model(name: str, model_kwargs: dict, norm_pix_loss: bool) -> tuple[nn.
     pretext = ", ".join(timm.list_models(["mae_*", "apl_*"]))
     if name not in timm.list_models():
         raise UserError(f"unknown model {name!r}; pretext models: {pretext}")
+    if not model_entrypoint(name).__module__.startswith("mae_timm."):  # at once: building a ViT-H takes a minute
+        raise UserError(f"{name} is not a pretext model (see mae_timm/models/base.py); pretext models: {pretext}")
     model_kwargs = dict(model_kwargs)
     model = timm.create_model(name, **model_kwargs)
     if not is_pretext_model(model):
