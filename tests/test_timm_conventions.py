@@ -30,6 +30,8 @@ def tiny_kwargs(name: str) -> dict:
 
 
 def build(name: str, **kwargs):
+    if name.startswith("apl_"):
+        return timm.create_model(name, depth=2, **kwargs)
     decoder = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     if name in FACTORY:
         pretext, encoder = FACTORY[name]
@@ -42,7 +44,7 @@ def inputs(model, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, channels, height, width)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + timm.list_models("apl_*"))
 def test_input_config_is_the_truth(name):
     """timm's `_get_input_size`: a fixed-size model is only run at its input size, and it must be fixed."""
     model = build(name)
@@ -50,7 +52,7 @@ def test_input_config_is_the_truth(name):
     assert model.pretrained_cfg["fixed_input_size"] and config["fixed_input_size"]
     assert config["input_size"] == (3, *model.patch_embed.img_size)
     height, width = model.patch_embed.img_size
-    with pytest.raises(AssertionError):  # timm's strict PatchEmbed: another size is an error, not a silent resize
+    with pytest.raises((AssertionError, ValueError)):  # timm's strict PatchEmbed / APL's grid: never a silent resize
         model(torch.randn(1, 3, height + model.patch_embed.patch_size[0], width))
 
 
@@ -94,21 +96,25 @@ def test_dynamic_img_size_is_refused_at_construction(name):
         build(name, dynamic_img_size=True)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_grad_checkpointing_gives_the_same_loss_and_gradients(name):
-    model = build(name)
-    x = inputs(model)
-    noise = torch.rand(2, model.patch_embed.num_patches)
+def assert_checkpointing_keeps_loss_and_gradients(model, loss_of) -> None:
+    """``loss_of(model)`` and the gradients of every trainable parameter, without and with grad checkpointing."""
     runs = []
     for enable in (False, True):
         model.zero_grad()
         model.set_grad_checkpointing(enable)
-        loss = model(x, noise=noise).loss
+        loss = loss_of(model)
         loss.backward()
         runs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-6, rtol=0)
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(name):
+    model = build(name)
+    x, noise = inputs(model), torch.rand(2, model.patch_embed.num_patches)
+    assert_checkpointing_keeps_loss_and_gradients(model, lambda m: m(x, noise=noise).loss)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -129,29 +135,14 @@ def test_forward_intermediates(name):
 APL_MODELS = timm.list_models("apl_*")
 
 
-def build_apl(name: str, **kwargs):
-    return timm.create_model(name, depth=2, **kwargs)
-
-
-@pytest.mark.parametrize("name", APL_MODELS)
-def test_apl_input_config_is_the_truth(name):
-    model = build_apl(name)
-    config = get_model_input_config(model)
-    assert model.pretrained_cfg["fixed_input_size"] and config["fixed_input_size"]
-    assert config["input_size"] == (3, *model.patch_embed.img_size)
-    assert model.pretrained_cfg["first_conv"] is None  # a linear / flatten patch encoder, no conv to adapt
-    height, width = model.patch_embed.img_size
-    with pytest.raises(ValueError, match="does not match"):
-        model(torch.randn(1, 3, height + 8, width))
-
-
 @pytest.mark.parametrize("name", APL_MODELS)
 def test_apl_features_and_head_are_the_exported_vits(name):
-    model = build_apl(name, patch_encoder="linear").eval()
+    model = build(name, patch_encoder="linear").eval()
     vit = mae_timm.create_timm_encoder(model).eval()
     x = inputs(model)
     features = model.forward_features(x)
     assert model.num_classes == 0 and model.num_prefix_tokens == 0 and model.global_pool == "avg"
+    assert model.pretrained_cfg["first_conv"] is None  # a linear / flatten patch encoder, no conv to adapt
     assert features.shape == (2, model.patch_embed.num_patches, model.num_features)
     torch.testing.assert_close(model.forward_head(features), vit.forward_head(vit.forward_features(x)),
                                atol=1e-4, rtol=1e-4)  # fmt: skip
@@ -166,33 +157,24 @@ def test_apl_features_and_head_are_the_exported_vits(name):
 @pytest.mark.parametrize("kwargs", [dict(num_classes=10), dict(features_only=True)])
 def test_apl_classifier_and_feature_wrapper_say_export_first(kwargs):
     with pytest.raises(ValueError, match=r"export the encoder first \(mae_timm.create_timm_encoder") as info:
-        build_apl("apl_vit_test", **kwargs)
+        build("apl_vit_test", **kwargs)
     assert "\n" not in str(info.value)
 
 
 def test_apl_dynamic_img_size_is_refused_at_construction():
     with pytest.raises(ValueError, match="dynamic_img_size"):
-        build_apl("apl_vit_test", dynamic_img_size=True)
+        build("apl_vit_test", dynamic_img_size=True)
 
 
 def test_apl_grad_checkpointing_gives_the_same_loss_and_gradients():
-    model = build_apl("apl_vit_test")  # eval-free: patch dropout is 0 for the test config
+    model = build("apl_vit_test")  # patch dropout is 0 in the test config: both runs see the same tokens
     x = inputs(model)
-    runs = []
-    for enable in (False, True):
-        model.zero_grad()
-        model.set_grad_checkpointing(enable)
-        loss = model(x).loss
-        loss.backward()
-        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-6, rtol=0)
-    for a, b in zip(runs[0][1], runs[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_checkpointing_keeps_loss_and_gradients(model, lambda m: m(x).loss)
 
 
 @pytest.mark.parametrize("name", APL_MODELS)
 def test_apl_forward_intermediates_match_the_exported_vit(name):
-    model = build_apl(name).eval()
+    model = build(name).eval()
     vit = mae_timm.create_timm_encoder(model).eval()
     x = inputs(model)
     final, intermediates = model.forward_intermediates(x)
