@@ -103,7 +103,12 @@ def encoder_pretrained_cfg(model: nn.Module, vit: nn.Module) -> dict:
 
 
 def save_timm_folder(
-    vit: nn.Module, out_dir: str | Path, *, pretrained_cfg: dict, metrics: dict | None = None, source: dict | None = None
+    vit: nn.Module,
+    out_dir: str | Path,
+    *,
+    pretrained_cfg: dict,
+    metrics: dict | None = None,
+    source: dict | None = None,
 ) -> Path:
     """Write a timm model as a ``local-dir`` folder (timm's ``save_for_hf``: ``config.json`` + ``model.safetensors``).
 
@@ -118,7 +123,6 @@ def save_timm_folder(
     out_dir = Path(out_dir)
     with atomic_folder(out_dir, _TIMM_FILES) as tmp:
         save_for_hf(vit, str(tmp), model_config=dict(mae_timm=record), safe_serialization=True)
-        json.dumps(record)  # metrics must be plain numbers / strings
         _check_same_outputs(vit, timm.create_model(f"local-dir:{tmp}", pretrained=True), out_dir)
     return out_dir
 

@@ -254,14 +254,16 @@ def _check_hf_convertible(model: nn.Module) -> None:
         raise ValueError(f"HF ViTMAE needs square images and patches, got img_size {img_size}, patch {patch}")
     if model.loss_on_all_patches:
         raise ValueError("HF ViTMAE computes the loss on removed patches only; set loss_on_all_patches=False")
-    block = model.blocks[0] if len(model.blocks) else None
+    def plain(block: nn.Module) -> bool:  # HF's ViTLayer: GELU MLP, qkv bias, no LayerScale or qk-norm
+        extras = (block.ls1, block.ls2, block.attn.q_norm, block.attn.k_norm)
+        return all(isinstance(m, nn.Identity) for m in extras) and type(block.mlp.act) is nn.GELU \
+            and block.attn.qkv.bias is not None
+
     layout = dict(
         class_token=model.cls_token is not None and model.num_prefix_tokens == 1 and not model.no_embed_class,
         final_norm=isinstance(model.norm, nn.LayerNorm) and model.norm.eps == _MAE_LAYER_NORM_EPS,
         no_pre_norm=isinstance(model.norm_pre, nn.Identity),
-        plain_blocks=block is None or all(
-            isinstance(m, nn.Identity) for m in (block.ls1, block.ls2, block.attn.q_norm, block.attn.k_norm)
-        ) and type(block.mlp.act) is nn.GELU and block.attn.qkv.bias is not None,
+        plain_blocks=all(plain(block) for block in model.blocks),
     )
     unfit = [name for name, ok in layout.items() if not ok]
     if unfit:
