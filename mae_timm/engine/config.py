@@ -245,3 +245,4 @@ class FinetuneConfig:
     crop_scale_min: float = 0.08  # RandomResizedCrop scale (crop_scale_min, 1) + flip, on the device (GpuAugment)
     clip_grad: float | None = None  # max gradient norm; None: no clipping
     seed: int = 0  # head init, shuffling, crops, mixup draws
+    save_dir: str | None = None  # write the fine-tuned classifier here (timm local-dir folder last/, with metrics)

@@ -27,6 +27,7 @@ from mae_timm.engine.eval_setup import (
     start_training,
     topk_accuracy,
 )
+from mae_timm.engine.export import save_finetuned
 from mae_timm.engine.runtime import autocast, autocast_dtype
 
 __all__ = ["create_classifier", "finetune_evaluate"]
@@ -101,4 +102,7 @@ def finetune_evaluate(
         history.append(dict(epoch=epoch + 1, train_loss=loss.item(), **accuracy))
         log(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.4f} "
             f"top1 {accuracy['top1']:.2f} top5 {accuracy['top5']:.2f}")  # fmt: skip
-    return dict(history[-1], history=history)
+    result = dict(history[-1], history=history)
+    if cfg.save_dir is not None:  # timm local-dir folder of the classifier: train.py / create_model load it
+        result["saved"] = save_finetuned(classifier, model, cfg.save_dir, result)
+    return result

@@ -27,6 +27,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from timm.models import model_entrypoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
@@ -283,15 +284,19 @@ def build_model(record: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:
     """
     name = record["model_name"]
     registered = ", ".join(timm.list_models(["mae_*", "apl_*"]))
-    if record["pretext"] is None and name not in timm.list_models():
-        raise UserError(f"unknown model {name!r}; pretext models: {registered}")
+    not_pretext = (
+        f"{name} is not a pretext model; pretext models: {registered}, or any timm ViT with "
+        f"--pretext mae|early_mask --encoder {name}"
+    )
+    if record["pretext"] is None:
+        if name not in timm.list_models():
+            raise UserError(f"unknown model {name!r}; pretext models: {registered}")
+        if not model_entrypoint(name).__module__.startswith("mae_timm."):  # at once: building a ViT-H takes a minute
+            raise UserError(not_pretext)
     record = dict(record, model_kwargs=dict(record["model_kwargs"]))
     model = create_model_from_record(record)
     if not is_pretext_model(model):
-        raise UserError(
-            f"{name} is not a pretext model; pretext models: {registered}, or any timm ViT with "
-            f"--pretext mae|early_mask --encoder {name}"
-        )
+        raise UserError(not_pretext)
     if model.predicts_pixels:
         # the flag only selects the loss target, so setting it after construction equals passing it as a kwarg
         model.norm_pix_loss = record["model_kwargs"]["norm_pix_loss"] = norm_pix_loss

@@ -28,12 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 
 from mae_timm.layers import gather_tokens, random_masking_ids
 from mae_timm.models.base import PretextModel, PuzzleOutput
 from mae_timm.models.common import pretext_cfg
+from mae_timm.models.pretext_vit import check_head_kwargs
 
 __all__ = ["APLViT", "CroppedPatchEmbed", "PatchCNN"]
 
@@ -136,7 +138,15 @@ class APLViT(PretextModel, nn.Module):
     Contract (`mae_timm.models.base`): ``forward(imgs)`` returns a `PuzzleOutput` whose ``metrics`` hold the
     position accuracy. It takes no ``mask_ratio``: its patch dropout is the architecture setting
     ``patch_drop_rate`` (as timm's ViT), so a reconstruction model's mask ratio never reaches it.
+
+    timm conventions, as its exported ViT (no class token, mean pooling): ``num_classes`` is 0 (the position head
+    is the pretext, not a classifier), ``forward_head`` pools the mean token, ``forward_intermediates`` gives one
+    NCHW map per block, ``set_grad_checkpointing`` checkpoints the blocks.
     """
+
+    num_classes = 0  # no classifier: the position head predicts T positions; export to classify
+    global_pool = "avg"  # forward_head: the mean of the tokens (the exported ViT's pooling)
+    num_prefix_tokens = 0  # no class token: every token is a patch
 
     def __init__(
         self,
@@ -187,6 +197,9 @@ class APLViT(PretextModel, nn.Module):
             for i in range(depth)
         ])
         self.norm = LayerNorm(dim)
+        self.grad_checkpointing = False
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=self.patch_embed.patch_size[0])
+                             for i in range(depth)]  # fmt: skip
         if head_type == "mlp":
             self.head = Mlp(dim, 3 * dim, self.num_positions, act_layer=nn.ReLU, drop=(head_drop_rate, 0.0))
         else:
@@ -197,9 +210,51 @@ class APLViT(PretextModel, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return set()  # no position tables and no tokens: only biases / norms are decay-free
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (less memory, same gradients)."""
+        self.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's head reset; a pretext model has no classifier, so only ``num_classes=0`` with mean pooling."""
+        check_head_kwargs(dict(num_classes=num_classes))
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: APL has no class token; its encoder pools the mean ('avg')")
+
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Contextualise patch codes without position information: (N, T', D) -> (N, T', D)."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self.norm(checkpoint_seq(self.blocks, x))
         return self.norm(self.blocks(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Encoder tokens (N, T, D) -> the mean token (N, D): the exported ViT's pooled features (no classifier)."""
+        return x.mean(dim=1)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: block outputs (N, D, G, G) (NCHW) or (N, T, D) (NLC), and the final
+        normed tokens (N, T, D) unless ``intermediates_only``; ``indices``: the last n blocks (int) or these blocks."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: choose 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self.patch_embed(x)  # (N, T, D)
+        intermediates = []
+        for i, block in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
+            x = block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.grid_size
+            intermediates = [y.unflatten(1, (grid_h, grid_w)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encoder tokens of the full image, no patch dropout: (N, C, H, W) -> (N, T, D)."""
@@ -273,6 +328,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: APLViT) -> 
 
 _cfg = partial(
     pretext_cfg,
+    first_conv=None,  # the patch encoder is a linear map / flatten / CNN, not a conv timm could adapt to other in_chans
     input_size=(3, 64, 64),
     crop_pct=1.0,
     license="apache-2.0",
@@ -304,12 +360,16 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_apl(variant: str, pretrained: bool = False, **kwargs) -> APLViT:
+    check_head_kwargs(kwargs)  # num_classes != 0 / features_only: export first (instead of being dropped silently)
+    if kwargs.pop("dynamic_img_size", False):
+        raise ValueError("dynamic_img_size=True: the APL puzzle has a fixed G x G grid of the input size; "
+                         "set it when fine-tuning the exported ViT")
     return build_model_with_cfg(
         APLViT,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        kwargs_filter=("num_classes",),  # pretext model: its head size is T, not a class count
+        kwargs_filter=("num_classes",),  # checked above: 0; the position head's size is T, not a class count
         **kwargs,
     )
 
