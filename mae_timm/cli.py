@@ -23,7 +23,7 @@ COMMANDS = {
     "linprobe": ("evaluate", "linear probe (frozen encoder, BatchNorm + linear)"),
     "finetune": ("evaluate", "fine-tune the encoder as a timm VisionTransformer"),
     "visualize": ("visualize", "write an original | masked | reconstruction figure for an image"),
-    "export": ("export", "export the encoder as safetensors that timm.create_model loads"),
+    "export": ("export", "export the encoder as a timm local-dir folder (or a transformers folder, or safetensors)"),
     "demo": ("demo", "pretrain a small model on bundled Fashion-MNIST images, then kNN + figures"),
 }
 
