@@ -18,10 +18,13 @@ from mae_timm.data import DataError, GpuAugment, create_loader, fashion_mnist, r
 from mae_timm.data.decode import decode_sample
 from mae_timm.data.sources import pixel_stats
 from mae_timm.data.synthetic import SyntheticImages
+from mae_timm.engine.config import PretrainConfig, load_config
 from mae_timm.engine.eval_setup import input_channels
+from mae_timm.engine.pretrain import build_model
 from mae_timm.viz import is_gray, save_reconstruction_grid, to_display
 
 ASSETS = Path(mae_timm.__file__).parent / "assets"  # Fashion-MNIST sample: 5,000 train + 1,000 test images
+CONFIGS = Path(__file__).parents[1] / "configs"
 GRAY_STATS = dict(mean=[0.286], std=[0.353])  # Fashion-MNIST's train statistics (see test_fashion_mnist_stats)
 TINY = dict(img_size=28, patch_size=7, embed_dim=24, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
             decoder_num_heads=2)
@@ -165,3 +168,18 @@ def test_one_channel_model_with_imagenet_stats_is_a_clear_error(gray_shards, tmp
     assert main(["pretrain", *_SMALL_RUN, "--model-kwargs", kwargs, "--data", str(gray_shards), "--max-steps", "1",
                  "--viz-every-epochs", "0", "--out", str(tmp_path / "x")]) != 0
     assert "pretrained_cfg_overlay" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_build_their_model(path):
+    """Every config loads and builds; the Fashion-MNIST ones are native 28 px, 1 channel, and normalise with the
+    statistics `mae-timm shards fashion-mnist` records for the 60,000 training images."""
+    cfg = load_config(PretrainConfig, path)
+    model, _ = build_model(cfg.model, cfg.model_kwargs, cfg.norm_pix_loss)
+    size, channels = model.patch_embed.img_size[0], input_channels(model)
+    if path.stem.startswith("fashion_mnist"):
+        assert (size, channels) == (28, 1) and cfg.img_size in (None, 28)
+        cfg_mean, cfg_std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+        assert list(cfg_mean) == [0.2860] and list(cfg_std) == [0.3530]  # pixel_stats of the full train set
+    x = torch.zeros(2, channels, size, size)
+    assert torch.isfinite(model(x, mask_ratio=cfg.mask_ratio).loss if model.takes_mask_ratio else model(x).loss)
