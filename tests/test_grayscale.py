@@ -118,7 +118,7 @@ def test_reconstruction_of_gray_images_is_gray(in_chans, tmp_path):
     torch.manual_seed(0)
     stats = GRAY_STATS if in_chans == 1 else dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     model = timm.create_model("mae_vit_test", in_chans=in_chans, pretrained_cfg_overlay=stats, **TINY).eval()
-    gray = torch.from_numpy(read_idx(ASSETS / "t10k-images-idx3-ubyte.gz")[:2]).unsqueeze(1)  # (2, 1, 28, 28)
+    gray = torch.from_numpy(read_idx(ASSETS / "t10k-images-idx3-ubyte.gz")[:2].copy()).unsqueeze(1)  # (2, 1, 28, 28)
     imgs = GpuAugment(stats["mean"], stats["std"])(gray.expand(-1, in_chans, -1, -1))
     path = save_reconstruction_grid(model, imgs, tmp_path / "gray.png", **stats)
     assert _is_gray_png(path)  # an untrained 3-channel model predicts unequal channels; shown gray all the same
