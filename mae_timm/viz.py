@@ -1,8 +1,13 @@
 """Figures: reconstruction grids of masked-image models and loss curves of pretraining runs.
 
 Reconstruction grid, one row per image: original | masked | reconstruction | reconstruction with the visible
-patches pasted back. With a norm-pix loss the model predicts every patch normalised by that patch's own
-mean and std, which for a removed patch are unknown. They are estimated from the visible patches only: each
+patches pasted back, in true colour: every column is de-normalised with the model's own per-channel mean/std.
+Grayscale stays grayscale: a 1-channel model's images are drawn with a gray colour map on a fixed [0, 1] scale,
+and so are the rows of a 3-channel model whose input image is gray (equal channels), its predicted channels
+averaged, since their differences would only paint a colour cast that no input pixel has.
+
+With a norm-pix loss the model predicts every patch normalised by that patch's own mean and std, which for a
+removed patch are unknown. They are estimated from the visible patches only: each
 removed patch takes the mean and std of the visible patches around it, weighted by a Gaussian of the distance
 in patches; a visible patch keeps its own. No statistic of a removed patch's pixels enters the figure.
 """
@@ -24,11 +29,14 @@ __all__ = [
     "NEIGHBOUR_SIGMA",
     "visible_patch_stats",
     "reconstruct",
+    "is_gray",
+    "to_display",
     "save_reconstruction_grid",
     "save_loss_curve",
 ]
 
 NEIGHBOUR_SIGMA = 2.0  # width, in patches, of the Gaussian that weighs visible patches' statistics
+GRAY_TOLERANCE = 1.0 / 512  # channels closer than half a uint8 step: a gray pixel
 
 
 def visible_patch_stats(
@@ -94,11 +102,27 @@ def reconstruct(
     )
 
 
-def _to_display(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Normalised (N, C, H, W) -> (N, H, W, C) in [0, 1] on the CPU, for imshow."""
-    mean = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+def to_display(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised (N, C, H, W) -> (N, H, W, C) in [0, 1] on the CPU, de-normalised per channel with ``mean`` /
+    ``std`` (C values each, or one for all channels)."""
+    mean = torch.tensor(mean, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=imgs.device).view(1, -1, 1, 1)
     return (imgs.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def is_gray(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) display images -> (N,) bool: one channel, or all channels equal at every pixel."""
+    spread = images.amax(dim=-1) - images.amin(dim=-1)  # (N, H, W)
+    return spread.flatten(1).amax(dim=1) <= GRAY_TOLERANCE
+
+
+def _draw(ax, image: torch.Tensor, gray: bool) -> None:
+    """One (H, W, C) image in [0, 1]: gray ones as their channel mean on a fixed [0, 1] gray scale."""
+    if gray:
+        ax.imshow(image.mean(dim=-1).numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        ax.imshow(image.numpy())
+    ax.axis("off")
 
 
 def save_reconstruction_grid(
@@ -114,19 +138,20 @@ def save_reconstruction_grid(
     """Write the original | masked | reconstruction | reconstruction + visible figure for normalised ``imgs``.
 
     ``mean``/``std`` are the normalisation of ``imgs`` (the model's ``pretrained_cfg``); removed patches are
-    shown grey. Returns the path written.
+    shown grey. Rows whose input is gray are drawn in gray (see the module docstring). Returns the path written.
     """
     out = reconstruct(model, imgs, mask_ratio=mask_ratio, seed=seed)
     patch_size = model.patch_embed.patch_size
     removed = unpatchify(
         out["mask"].unsqueeze(-1).expand(-1, -1, patch_size[0] * patch_size[1]), patch_size, imgs.shape[-2:]
     ).permute(0, 2, 3, 1).cpu()  # (N, H, W, 1), 1 on removed pixels
-    original = _to_display(imgs, mean, std)
+    original = to_display(imgs, mean, std)  # (N, H, W, C)
+    gray = is_gray(original)  # (N,)
     columns = {
         "original": original,
         "masked": original * (1 - removed) + 0.5 * removed,
-        "reconstruction": _to_display(out["reconstruction"], mean, std),
-        "reconstruction + visible": _to_display(out["pasted"], mean, std),
+        "reconstruction": to_display(out["reconstruction"], mean, std),
+        "reconstruction + visible": to_display(out["pasted"], mean, std),
     }
     rows = imgs.shape[0]
     fig = Figure(figsize=(2.0 * len(columns), 2.0 * rows + 0.9), layout="constrained")
@@ -134,9 +159,10 @@ def save_reconstruction_grid(
     for col, (title, images) in enumerate(columns.items()):
         axes[0, col].set_title(title, fontsize=9)
         for row in range(rows):
-            axes[row, col].imshow(images[row].numpy(), cmap="gray")
-            axes[row, col].axis("off")
+            _draw(axes[row, col], images[row], bool(gray[row]))
     note = f"mask ratio {mask_ratio:g}, seed {seed}, loss {out['loss'].item():.4f}"
+    if imgs.shape[1] > 1 and gray.any():
+        note += f"\ngray input: its {imgs.shape[1]} predicted channels shown as their mean, in gray"
     if model.norm_pix_loss:
         note += (
             f"\nnorm-pix: removed patches de-normalised with the mean/std of visible patches\n"

@@ -295,6 +295,9 @@ class NanAfter(PretextModel, nn.Module):
         out = self.model(imgs, mask_ratio=mask_ratio)
         return out._replace(loss=out.loss * float("nan") if self.calls >= self.bad_call else out.loss)
 
+    def encoder_kwargs(self) -> dict:  # the engine reads the input channels from here
+        return self.model.encoder_kwargs()
+
 
 def test_non_finite_loss_stops_naming_the_step(shards, tmp_path, monkeypatch, capsys):
     build = pretrain_module.build_model

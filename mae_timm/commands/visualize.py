@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from mae_timm.data import GpuAugment, center_crop
+from mae_timm.data.decode import IMAGE_MODES
 from mae_timm.engine.checkpoint import load_model
+from mae_timm.engine.eval_setup import input_channels
 from mae_timm.viz import save_reconstruction_grid
 
 
@@ -22,23 +24,27 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", default=None, help="PNG to write (default: <checkpoint folder>/reconstruction.png)")
 
 
-def load_images(paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Image files -> normalised (N, 3, size, size): RGB, the central square resized (the loader's eval crop)."""
+def load_images(
+    paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float], in_chans: int = 3
+) -> torch.Tensor:
+    """Image files -> normalised (N, in_chans, size, size): RGB (or grayscale for ``in_chans=1``, as the loader
+    decodes), the central square resized (the loader's eval crop)."""
     arrays = []
     for path in paths:
         try:
             with Image.open(path) as image:
-                arrays.append(torch.from_numpy(center_crop(image.convert("RGB"), size, crop_pct=1.0).copy()))
+                array = center_crop(image.convert(IMAGE_MODES[in_chans]), size, crop_pct=1.0)
         except OSError as e:  # missing or not an image
             raise ValueError(f"cannot read image {path}: {e}") from None
-    uint8 = torch.stack(arrays).permute(0, 3, 1, 2)  # (N, 3, S, S)
+        arrays.append(torch.from_numpy(array.reshape(size, size, -1).copy()))  # (S, S, C)
+    uint8 = torch.stack(arrays).permute(0, 3, 1, 2)  # (N, C, S, S)
     return GpuAugment(tuple(mean), tuple(std))(uint8)
 
 
 def run(args: argparse.Namespace, name: str) -> int:
     model, _ = load_model(args.checkpoint)
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    imgs = load_images(args.image, model.patch_embed.img_size[0], mean, std)
+    imgs = load_images(args.image, model.patch_embed.img_size[0], mean, std, input_channels(model))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "reconstruction.png"
     save_reconstruction_grid(model, imgs, out, mask_ratio=args.mask_ratio, seed=args.seed, mean=mean, std=std)
     print(f"wrote {out}")

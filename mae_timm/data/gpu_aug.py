@@ -56,11 +56,13 @@ def random_resized_crop_boxes(
 
 
 class GpuAugment(nn.Module):
-    """uint8 images (N, 3, H, W) on any device -> float (N, 3, S, S) normalised with ``mean`` / ``std``.
+    """uint8 images (N, C, H, W) on any device -> float (N, C, S, S) normalised with ``mean`` / ``std``.
 
     random_crop: RandomResizedCrop(``img_size``, ``scale``, ``ratio``) + flip with probability ``hflip``;
         otherwise the batch is only resized to ``img_size`` (when given and different) and normalised.
-    Pass the model's ``pretrained_cfg['mean']`` / ``['std']``; ImageNet's are the default.
+    Pass the model's ``pretrained_cfg['mean']`` / ``['std']``; ImageNet's are the default. They hold one value per
+    channel (C = 1 for grayscale models) or a single value for all channels; ImageNet's three values on 1-channel
+    images are refused rather than broadcast to three channels.
     """
 
     def __init__(
@@ -101,7 +103,14 @@ class GpuAugment(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """images: (N, 3, H, W) uint8 -> (N, 3, S, S) float32, normalised."""
+        """images: (N, C, H, W) uint8 -> (N, C, S, S) float32, normalised."""
+        channels, stats = images.shape[1], self.mean.shape[1]
+        if stats not in (1, channels):
+            raise ValueError(
+                f"mean/std have {stats} values but the images have {channels} channel(s); build the model with the "
+                "data's own, e.g. pretrained_cfg_overlay={'mean': [0.286], 'std': [0.353]} (Fashion-MNIST; "
+                "`mae-timm shards` records a dataset's in its _info.json)"
+            )
         x = images.float()
         if self.random_crop:
             x = self.crop_and_flip(x, generator)

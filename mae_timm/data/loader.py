@@ -3,8 +3,8 @@
 Reading order per epoch (every stage seeded from ``(seed, epoch)`` and, below the shard split, the reader)::
 
     shard list --shuffle(seed, epoch, pass)--> rank's shards --> worker's shards   (or: resampled with replacement)
-      --> tar samples (tar_reader) --shuffle buffer--> decode to RGB, central square at img_size (decode)
-      --> batch --> (N, 3, img_size, img_size) uint8, (N,) int64
+      --> tar samples (tar_reader) --shuffle buffer--> decode to RGB (or L), central square at img_size (decode)
+      --> batch --> (N, C, img_size, img_size) uint8 (C = in_chans: 3, or 1 for grayscale models), (N,) int64
 
 The workers draw no augmentation: the random resized crop + flip are :class:`mae_timm.data.GpuAugment`'s, one
 batched op on the device.
@@ -35,7 +35,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
-from mae_timm.data.decode import DECODE_ERRORS, center_crop, decode_sample
+from mae_timm.data.decode import DECODE_ERRORS, IMAGE_MODES, center_crop, decode_sample
 from mae_timm.data.shard_set import ShardSet, resolve_shards, shards_for_reader
 from mae_timm.data.sources import DataError
 from mae_timm.data.tar_reader import DamagedShard, tar_members
@@ -48,10 +48,12 @@ MAX_READERS = 1024  # rows of the shared error-count table (rank-local workers)
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (H, W, 3) uint8 images and class ids into ((N, 3, H, W) uint8, (N,) int64)."""
-    images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3)
+    """Stack (H, W, 3) or grayscale (H, W) uint8 images and class ids into ((N, C, H, W) uint8, (N,) int64)."""
+    images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3) or (N, H, W)
+    if images.ndim == 3:
+        images = images.unsqueeze(-1)  # (N, H, W, 1)
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images.permute(0, 3, 1, 2).contiguous(), labels  # (N, 3, H, W)
+    return images.permute(0, 3, 1, 2).contiguous(), labels  # (N, C, H, W)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class _Stream:
     errors: torch.Tensor  # (MAX_READERS, 2) shared int64 counts per worker: undecodable images, shard errors
     batches_per_worker: int | None  # training: batches per reader and epoch; None: one pass (evaluation)
     epoch: int = 0
+    image_mode: str = "RGB"  # PIL mode images are decoded to: 'RGB', or 'L' for 1-channel models
 
     def _reader(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -122,7 +125,7 @@ class _Stream:
         crop_pct = 1.0 if self.train else self.crop_pct
         for sample in samples:
             try:
-                image, label = decode_sample(sample)
+                image, label = decode_sample(sample, self.image_mode)
             except DECODE_ERRORS as exn:
                 self.errors[self._reader()[0], 0] += 1
                 _logger.warning("skipped undecodable image %s in %s: %r", sample.get("__key__"),
@@ -131,7 +134,7 @@ class _Stream:
             yield center_crop(image, self.img_size, crop_pct), label
 
     def one_pass(self, urls: list[str], repetition: int) -> Iterator[tuple[np.ndarray, int]]:
-        """Decoded ``(img_size, img_size, 3)`` images and labels of one pass over ``urls``, one stage per line."""
+        """Decoded ``(img_size, img_size[, 3])`` images and labels of one pass over ``urls``, one stage per line."""
         files = self.tar_files(urls)
         samples = group_by_keys(files, handler=self.malformed_shard)
         samples = self.shuffle(samples, repetition) if self.train else samples
@@ -164,7 +167,7 @@ class _Stream:
 
 
 class ShardLoader:
-    """Batches ``(images (N, 3, H, W) uint8, labels (N,) int64)`` from shards; see :func:`create_loader`."""
+    """Batches ``(images (N, C, H, W) uint8, labels (N,) int64)`` from shards; see :func:`create_loader`."""
 
     def __init__(self, stream: _Stream, shard_set: ShardSet, num_workers: int, pin_memory: bool, batches: int):
         self.stream = stream
@@ -249,6 +252,7 @@ def create_loader(
     *,
     train: bool,
     img_size: int,
+    in_chans: int = 3,
     num_workers: int = 4,
     seed: int = 0,
     epoch: int = 0,
@@ -260,7 +264,7 @@ def create_loader(
     world_size: int | None = None,
     pin_memory: bool | None = None,
 ) -> ShardLoader:
-    """A loader of ``(images (N, 3, img_size, img_size) uint8, labels (N,) int64)`` batches from shards.
+    """A loader of ``(images (N, in_chans, img_size, img_size) uint8, labels (N,) int64)`` batches from shards.
 
     source: a shard directory (``_info.json`` names the split's shards), a brace pattern or a list of urls
         (``num_samples`` needed for training unless an ``_info.json`` beside local shards lists them).
@@ -268,6 +272,8 @@ def create_loader(
         whole central square resized to ``img_size``, full batches only, exactly ``len(loader)`` batches on every
         rank; the random crop + flip are :class:`mae_timm.data.GpuAugment`'s (``random_crop=True``), on the device.
         Else resize the shorter side to ``img_size / crop_pct`` + center crop, every sample once in shard order.
+    in_chans: the model's input channels: 3 decodes every image to RGB (grayscale ones repeated), 1 to grayscale
+        ('L'; colour images converted with PIL's luma weights), as timm's train script does for ``input_size[0]``.
     resampled: training only; draw shards with replacement (an endless stream cut into epochs of ``len()``
         batches), for fewer shards than ranks x workers.
     rank / world_size: default to torch.distributed's, else 0 / 1. ``set_epoch`` selects the epoch; order and
@@ -275,6 +281,8 @@ def create_loader(
     """
     if rank is None or world_size is None:
         rank, world_size = _distributed()
+    if in_chans not in IMAGE_MODES:
+        raise DataError(f"in_chans={in_chans}: the loader decodes images to {sorted(IMAGE_MODES)} channels")
     if resampled and not train:
         raise DataError("resampled=True is for training; evaluation reads every sample once")
     shard_set = resolve_shards(source, split, num_samples)
@@ -300,7 +308,8 @@ def create_loader(
     errors = torch.zeros(MAX_READERS, 2, dtype=torch.int64).share_memory_()
     stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
                      world_size=world_size, resampled=resampled, crop_pct=crop_pct, shuffle_buffer=shuffle_buffer,
-                     errors=errors, batches_per_worker=batches_per_worker, epoch=epoch)
+                     errors=errors, batches_per_worker=batches_per_worker, epoch=epoch,
+                     image_mode=IMAGE_MODES[in_chans])
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return ShardLoader(stream, shard_set, num_workers, pin_memory, batches)

@@ -12,6 +12,10 @@ fixed mtime, so the same input gives byte-identical shards (and the same sha256 
      "splits": {"train": {"name": "train", "num_samples": 100000, "filenames": ["train-000000.tar", ...],
                           "shard_lengths": [5000, ...], "sha256": ["...", ...]}, ...},
      "seed": 0, "source": "...", "format_version": 1}
+
+plus, when the source knows them, ``"channels"`` (1 for grayscale data such as Fashion-MNIST) and ``"mean"`` /
+``"std"``: the train split's per-channel pixel statistics in [0, 1], the numbers a model trained on this data
+normalises with (its ``pretrained_cfg``).
 """
 
 from __future__ import annotations
@@ -118,13 +122,17 @@ def write_shards(
     seed: int = 0,
     source: str = "",
     progress: bool = True,
+    channels: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> dict:
     """Write each split's samples to ``out_dir/<split>-NNNNNN.tar`` and record them in ``_info.json``.
 
     ``classes``: dicts ``{'index', 'id', 'name'}`` or plain names (index = position). Splits named in
     ``SHUFFLED_SPLITS`` are shuffled with ``seed`` first. Shards already complete are kept; temp files
     (``.<shard>.<pid>.part``) left by a killed run are removed. Splits in an existing ``_info.json`` that are
-    not written now are kept. Returns the info dict.
+    not written now are kept. ``channels`` / ``mean`` / ``std`` (the images' channels and the train split's
+    pixel statistics) are recorded when given, else kept from the existing ``_info.json``. Returns the info dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,11 +140,15 @@ def write_shards(
     classes = [c if isinstance(c, Mapping) else dict(index=i, id=str(c), name=str(c)) for i, c in enumerate(classes)]
     info = dict(name=name, num_classes=len(classes), classes=classes, splits={}, seed=seed, source=source,
                 format_version=FORMAT_VERSION)
+    # what the source knows of its images (JSON lists, so the returned info equals the file's)
+    image = dict(channels=channels, mean=mean and list(mean), std=std and list(std))
     info_path = out_dir / INFO_NAME
     if info_path.is_file():
         previous = json.loads(info_path.read_text())
         if previous.get("name") == name and previous.get("classes") == classes:
             info["splits"] = {k: v for k, v in previous.get("splits", {}).items() if k not in splits}
+            image = {k: previous.get(k) if v is None else v for k, v in image.items()}
+    info.update({k: v for k, v in image.items() if v is not None})
     for split, samples in splits.items():
         if not isinstance(samples, Sequence):
             samples = list(samples)
@@ -170,4 +182,5 @@ def write_shards(
 
 def write_source(out_dir: str | os.PathLike, data: SourceData, **kwargs) -> dict:
     """Write a :class:`SourceData` (from ``tiny_imagenet``, ``imagefolder``, ``fashion_mnist``) to shards."""
-    return write_shards(out_dir, data.splits, data.classes, name=data.name, source=data.source, **kwargs)
+    return write_shards(out_dir, data.splits, data.classes, name=data.name, source=data.source,
+                        channels=data.channels, mean=data.mean, std=data.std, **kwargs)

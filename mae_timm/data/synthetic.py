@@ -20,8 +20,10 @@ class SyntheticImages:
     (a pure-noise target cannot be predicted). Random access: resuming mid-epoch skips nothing.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, img_size: int, seed: int = 0, rank: int = 0):
+    def __init__(self, num_samples: int, batch_size: int, img_size: int, seed: int = 0, rank: int = 0,
+                 in_chans: int = 3):
         self.batch_size, self.img_size, self.seed, self.rank = batch_size, img_size, seed, rank
+        self.in_chans = in_chans
         self.num_batches = num_samples // batch_size
         self.epoch = 0
 
@@ -32,11 +34,11 @@ class SyntheticImages:
         self.epoch = epoch
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> images uint8 (N, 3, H, W), labels int64 (N,) (all 0: synthetic images have no class)."""
+        """-> images uint8 (N, C, H, W), C = ``in_chans``, labels int64 (N,) (all 0: synthetic images have no class)."""
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.epoch, index))
-        colours = torch.rand(self.batch_size, 3, 4, 4, generator=generator)  # (N, 3, 4, 4)
+        colours = torch.rand(self.batch_size, self.in_chans, 4, 4, generator=generator)  # (N, C, 4, 4)
         size = (self.img_size, self.img_size)
-        imgs = F.interpolate(colours, size=size, mode="bilinear", align_corners=False)  # (N, 3, H, W)
+        imgs = F.interpolate(colours, size=size, mode="bilinear", align_corners=False)  # (N, C, H, W)
         return (imgs * 255).round().to(torch.uint8), torch.zeros(self.batch_size, dtype=torch.int64)
 
     def iter_from(self, start: int):

@@ -25,6 +25,7 @@ __all__ = [
     "create_encoder",
     "extract_features",
     "frozen_features",
+    "input_channels",
     "input_size",
     "labelled",
     "normalizer",
@@ -39,6 +40,11 @@ def input_size(model: nn.Module) -> int:
     """The side in pixels of the images the pretext model's encoder takes (its ``encoder_kwargs()['img_size']``)."""
     size = mae_timm.encoder_kwargs(model)["img_size"]
     return size if isinstance(size, int) else size[0]
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels of the images the pretext model's encoder takes: 3, or 1 for grayscale (its ``in_chans``)."""
+    return mae_timm.encoder_kwargs(model).get("in_chans", 3)  # timm's VisionTransformer default
 
 
 def normalizer(model: nn.Module, device: torch.device, **augment) -> GpuAugment:

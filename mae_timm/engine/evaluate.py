@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from mae_timm.data import create_loader
 from mae_timm.engine.config import EvalData, FinetuneConfig, KnnConfig, LinprobeConfig
-from mae_timm.engine.eval_setup import extract_features, input_size, topk_accuracy
+from mae_timm.engine.eval_setup import extract_features, input_channels, input_size, topk_accuracy
 from mae_timm.engine.finetune import finetune_evaluate
 from mae_timm.engine.knn import knn_evaluate, knn_scores
 from mae_timm.engine.linprobe import linprobe_evaluate
@@ -57,15 +57,16 @@ def create_loaders(model: nn.Module, data: EvalData, train_batch_size: int | Non
     train_batch_size: None gives a plain pass over the training split (feature extraction, ``data.batch_size``);
         a size gives shuffled full batches for training, only decoded (crops and flips happen on the device).
     """
-    img_size = input_size(model)
+    img_size, in_chans = input_size(model), input_channels(model)  # uint8 (N, in_chans, img_size, img_size)
     crop_pct = model.pretrained_cfg.get("crop_pct", 1.0)  # evaluation resize + center crop, as the model's cfg says
-    evaluation = dict(train=False, img_size=img_size, num_workers=data.num_workers, crop_pct=crop_pct)
+    evaluation = dict(train=False, img_size=img_size, in_chans=in_chans, num_workers=data.num_workers,
+                      crop_pct=crop_pct)
     if train_batch_size is None:
         train_loader = create_loader(data.data, data.train_split, data.batch_size, **evaluation)
     else:
         train_loader = create_loader(
             data.data, data.train_split, train_batch_size, train=True, img_size=img_size,
-            num_workers=data.num_workers, seed=seed,
+            in_chans=in_chans, num_workers=data.num_workers, seed=seed,
         )
     val_loader = create_loader(data.data, data.val_split, data.batch_size, **evaluation)
     return train_loader, val_loader

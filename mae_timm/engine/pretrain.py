@@ -38,6 +38,7 @@ from mae_timm.data.synthetic import SyntheticImages
 from mae_timm.engine.checkpoint import capture_rng_state, restore_rng_state
 from mae_timm.engine.config import PretrainConfig
 from mae_timm.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
+from mae_timm.engine.eval_setup import input_channels
 from mae_timm.engine.resume import agree_on_resume, check_resumable
 from mae_timm.engine.run_output import RunOutput
 from mae_timm.engine.runtime import (
@@ -90,7 +91,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     )
     model.to(info.device).train()
     img_size = cfg.img_size or int(model.patch_embed.img_size[-1])  # the size the model was built for
-    loader = _create_loader(cfg, info.rank, img_size, split=cfg.split, train=True, batch_size=cfg.batch_size)
+    loader = _create_loader(cfg, info.rank, img_size, input_channels(model), split=cfg.split, train=True,
+                            batch_size=cfg.batch_size)
     updates_per_epoch = _updates_per_epoch(len(loader), cfg.accum_steps)
     total_steps = min(cfg.epochs * updates_per_epoch, cfg.max_steps or math.inf)
 
@@ -303,16 +305,19 @@ def build_model(record: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:
     return model, record
 
 
-def _create_loader(cfg: PretrainConfig, rank: int, img_size: int, *, split: str, train: bool, batch_size: int):
-    """The loader of the data settings (``data`` / ``synthetic``): uint8 batches, cropped on the device."""
+def _create_loader(cfg: PretrainConfig, rank: int, img_size: int, in_chans: int, *, split: str, train: bool,
+                   batch_size: int):
+    """The loader of the data settings (``data`` / ``synthetic``): uint8 batches with the model's channels,
+    cropped on the device."""
     if cfg.synthetic:
-        return SyntheticImages(cfg.synthetic_samples, batch_size, img_size, cfg.seed, rank if train else 0)
+        return SyntheticImages(cfg.synthetic_samples, batch_size, img_size, cfg.seed, rank if train else 0, in_chans)
     if cfg.data is None:
         raise UserError("no data: pass --data SHARD_DIR (made by `mae-timm shards`) or --synthetic")
     source = cfg.data.split(",") if "," in cfg.data else cfg.data
     # workers only decode; the random crop + flip run in GpuAugment on the device
     return create_loader(
-        source, split, batch_size, train=train, img_size=img_size, num_workers=cfg.num_workers, seed=cfg.seed
+        source, split, batch_size, train=train, img_size=img_size, in_chans=in_chans, num_workers=cfg.num_workers,
+        seed=cfg.seed,
     )
 
 
@@ -324,7 +329,7 @@ def _viz_images(cfg: PretrainConfig, device: torch.device, model: nn.Module, img
     split = cfg.split
     if not cfg.synthetic and Path(cfg.data).is_dir() and "validation" in read_info(cfg.data).get("splits", {}):
         split = "validation"
-    loader = _create_loader(cfg, 0, img_size, split=split, train=False, batch_size=8)
+    loader = _create_loader(cfg, 0, img_size, input_channels(model), split=split, train=False, batch_size=8)
     normalize = GpuAugment(model.pretrained_cfg["mean"], model.pretrained_cfg["std"], img_size=img_size).to(device)
     return normalize(next(iter(loader))[0].to(device))
 
