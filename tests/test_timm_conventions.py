@@ -194,6 +194,7 @@ def test_pretrain_refuses_a_timm_vit_before_building_it(monkeypatch):
 
     from mae_timm.engine.pretrain import build_model
     from mae_timm.engine.runtime import UserError
+    from mae_timm.models.factory import model_record
 
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built before it was refused")
@@ -201,5 +202,5 @@ def test_pretrain_refuses_a_timm_vit_before_building_it(monkeypatch):
     monkeypatch.setattr(timm, "create_model", no_build)
     start = time.perf_counter()
     with pytest.raises(UserError, match="vit_huge_patch14_224 is not a pretext model.*mae_vit_test"):
-        build_model("vit_huge_patch14_224", {}, norm_pix_loss=True)
+        build_model(model_record("vit_huge_patch14_224", {}), norm_pix_loss=True)
     assert time.perf_counter() - start < 1.0
