@@ -102,6 +102,9 @@ def decode_resized(
         return center_crop(image, img_size, crop_pct), label
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: frombuffer shares memory
     pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()  # (H, W, 3)
+    height, width = pixels.shape[:2]
+    if (width, height) == (img_size, img_size) and center_crop_box(width, height, crop_pct) == (0, 0, width, height):
+        return pixels, _label(sample)  # already the central square at img_size, as center_crop would return it
     return center_crop(Image.fromarray(pixels), img_size, crop_pct), _label(sample)
 
 
