@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from pathlib import Path
 
@@ -76,13 +77,20 @@ def build_pretext(
     meta device when ``meta``."""
     with MetaDevice() if meta else contextlib.nullcontext():
         generator = None if meta else torch.Generator().manual_seed(0)
-        model = timm.create_model(model_name).eval()
+        model = (_meta_model(model_name) if meta else timm.create_model(model_name)).eval()
         imgs = torch.randn(1, *model.pretrained_cfg["input_size"], generator=generator)
         if model.takes_mask_ratio:
             noise = torch.rand(1, model.patch_embed.num_patches, generator=generator)
             return model, MaskedForward(model, mask_ratio), (imgs, noise)
         model = timm.create_model(model_name, patch_drop_rate=mask_ratio).train()  # dropout only removes in training
         return model, model, (imgs,)
+
+
+@functools.lru_cache(maxsize=1)
+def _meta_model(model_name: str) -> nn.Module:
+    """The model on the meta device, built once for all its mask ratios (the ratio is a forward argument)."""
+    with MetaDevice():
+        return timm.create_model(model_name)
 
 
 def module_macs(by_module: dict[str, int], name: str) -> int:

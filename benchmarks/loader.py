@@ -238,7 +238,7 @@ def render(results: dict, bench: LoaderBench) -> str:
         "and 'decode only' do the same work (decode, no crop), 'RandomResizedCrop + flip' is the classic CPU "
         "pipeline. Arms ran back to back per worker count, in a rotated order, under the background load above (a "
         f"shared machine lowers every absolute figure).\n\nDecode cost per image, {bench.img_size} px, in one "
-        f"process (`device` decodes a batch of 256 with one call):\n\n{cost_table}"
+        f"process (`device` decodes a batch of {min(256, bench.images)} with one call):\n\n{cost_table}"
     )
 
 

@@ -258,7 +258,10 @@ def run_config(config: BenchConfig, settings: BenchSettings, device: torch.devic
     time budget): once it says yes, the remaining rows are recorded as skipped. ``on_row`` sees each row."""
     rows = []
     for implementation in settings.implementations:
-        modes = settings.modes if implementation == "mae_timm" else settings.peer_modes or settings.modes
+        peer = implementation != "mae_timm" and settings.peer_modes is not None
+        modes = settings.peer_modes if peer else settings.modes
+        if not modes:
+            continue
         if stop():
             rows += [_skipped(config, implementation, mode) for mode in modes]
             continue
