@@ -17,7 +17,7 @@ Sections, in this order (the cheap and certain ones first), each reusing its ben
 5. ``throughput``, compiled: ``torch.compile`` for all three implementations, then CUDA graphs
    (``mode="reduce-overhead"``) for mae_timm.
 
-A time budget (``--budget-s``, default 450 s) is checked before every row: what would start after it is recorded
+A time budget (``--budget-s``, default 420 s) is checked before every row: what would start after it is recorded
 as skipped rather than run, so the whole command fits a 10-minute limit. ``gpu_suite.md`` and ``gpu_suite.json``
 (device, library versions, the command, every figure) are rewritten in ``--out`` after every row, so a run cut
 short still returns what it measured.
@@ -46,7 +46,7 @@ from benchmarks.official_mae import load_official_mae
 
 @dataclass
 class SuiteSettings:
-    budget_s: float = 450.0  # no row starts after this many seconds
+    budget_s: float = 420.0  # no row starts after this many seconds
     configs: dict = None  # throughput configs (key -> BenchConfig)
     throughput: throughput.BenchSettings = None
     compiled_modes: tuple[str, ...] = ("compile", "reduce-overhead")  # after the eager rows; peers: "compile" only
