@@ -34,6 +34,7 @@ __all__ = [
     "attention_macs",
     "block_macs",
     "counted_flops",
+    "datasheet_peak_tflops",
     "describe_run",
     "fvcore_macs",
     "mae_macs",
@@ -149,6 +150,29 @@ def mae_macs(model: nn.Module, mask_ratio: float) -> dict[str, int]:
         + all_tokens * decoder_dim * model.decoder_pred.out_features
     )
     return {"patch_embed": num_patches * patch_dim * embed_dim, "encoder": encoder, "decoder": decoder}
+
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s, by a name fragment of
+# torch.cuda.get_device_name; the first fragment found wins (more specific names first).
+DATASHEET_PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},  # SXM; TF32 for float32
+    "H100 PCIe": {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0},
+    "H100 NVL": {"bfloat16": 835.5, "float16": 835.5, "float32": 417.5},
+    "H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0},
+}
+
+
+def datasheet_peak_tflops(device: torch.device, dtype: str) -> float | None:
+    """The datasheet dense peak of ``device`` in ``dtype`` ('bfloat16', 'float16', 'float32' as TF32), or None
+    when the device is not in :data:`DATASHEET_PEAK_TFLOPS` (the CPU included)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peaks in DATASHEET_PEAK_TFLOPS.items():
+        if fragment in name:
+            return peaks.get(dtype)
+    return None
 
 
 def describe_run(device: torch.device) -> dict[str, str]:

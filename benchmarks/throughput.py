@@ -1,6 +1,6 @@
-"""Training-step and inference images/s of mae_timm beside Hugging Face ViTMAE, in one process on one device.
+"""Training-step and inference images/s of mae_timm beside the official MAE code and HF ViTMAE, in one process.
 
-    python -m benchmarks.throughput --config vit_b16_224       # GPU; one config per run -> benchmarks/results/
+    python -m benchmarks.throughput --config vit_b16_224 --official-dir ~/src/mae --out results/   # GPU
     python -m benchmarks.throughput --tiny --out /tmp/bench    # CPU smoke test: test configs, fp32, 2 steps
 
 A training step is forward + backward + fused AdamW step under bf16 autocast, on a fixed random batch, with
@@ -8,10 +8,14 @@ A training step is forward + backward + fused AdamW step under bf16 autocast, on
 ``torch.inference_mode``. Every row warms up first (compilation, autotuning, allocator growth), synchronizes,
 then times ``steps`` steps. TFLOP/s use the model FLOPs that ``FlopCounterMode`` counts for one step of the
 eager model (2 per multiply-add; attention included; recomputation inside fused kernels is not counted); MFU
-divides them by the peak of a large matmul in the same dtype, measured at the start of the same run.
+divides them by the peak of a large matmul in the same dtype, measured at the start of the same run, and, on a GPU
+whose datasheet peak is known (``common.datasheet_peak_tflops``), by that peak too.
 
 Modes: ``eager``; ``compile`` (``torch.compile``, default mode); ``reduce-overhead`` (``torch.compile`` with
-CUDA graphs for forward and backward; on CPU it is the same as ``compile``). The Hugging Face peer,
+CUDA graphs for forward and backward; on CPU it is the same as ``compile``). The official peer is
+``models_mae.MaskedAutoencoderViT`` from the user's copy of facebookresearch/mae (``--official-dir``; adapted to
+today's timm by ``benchmarks.official_mae``), built with the mae_timm model's architecture and weights; without
+``--official-dir`` it is left out. The Hugging Face peer,
 ``ViTMAEForPreTraining`` with ``attn_implementation='sdpa'``, is the mae_timm model converted by
 ``mae_timm.models.convert.mae_timm_to_hf`` (same architecture, LayerNorm eps, norm-pix loss and weights; HF draws
 its own masks). It exists only for late-mask models; the early-mask model has no peer.
@@ -26,18 +30,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 
 import timm
 import torch
 from torch import nn
 
 import mae_timm  # noqa: F401  (registers the models)
-from benchmarks.common import counted_flops, describe_run, markdown_table, write_results
+from benchmarks.common import counted_flops, datasheet_peak_tflops, describe_run, markdown_table, write_results
+from benchmarks.official_mae import load_official_mae, official_like
 from mae_timm.models import MaskedAutoencoderViT
 from mae_timm.models.convert import mae_timm_to_hf
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "compile", "reduce-overhead")
+IMPLEMENTATIONS = ("mae_timm", "official", "hf")
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class BenchSettings:
     lr: float = 1.5e-4  # AdamW, as the MAE recipe at batch 256 (its value does not change the speed)
     weight_decay: float = 0.05
     modes: tuple[str, ...] = MODES
-    implementations: tuple[str, ...] = ("mae_timm", "hf")
+    peer_modes: tuple[str, ...] | None = None  # modes of the official and HF peers; None: the same as `modes`
+    implementations: tuple[str, ...] = IMPLEMENTATIONS  # 'official' runs only when an --official-dir is given
     matmul_size: int = 8192  # square matmul whose speed is the MFU denominator
     seed: int = 0
 
@@ -96,20 +103,33 @@ def mae_timm_loss(mask_ratio: float) -> Callable[[nn.Module, torch.Tensor], torc
     return loss
 
 
+def official_loss(mask_ratio: float) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """Loss of the official MAE model: ``model(imgs, mask_ratio=r)`` returns ``(loss, pred, mask)``."""
+
+    def loss(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        return model(imgs, mask_ratio=mask_ratio)[0]
+
+    return loss
+
+
 def hf_loss(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     """Loss of a Hugging Face ``ViTMAEForPreTraining`` (its mask ratio lives in its config)."""
     return model(pixel_values=imgs).loss
 
 
-def build(implementation: str, config: BenchConfig, settings: BenchSettings, device: torch.device) -> Pretext | None:
-    """The pretext model of ``implementation`` for ``config`` on ``device``; None where HF has no such model."""
+def build(implementation: str, config: BenchConfig, settings: BenchSettings, device: torch.device,
+          official: ModuleType | None = None) -> Pretext | None:
+    """The pretext model of ``implementation`` for ``config`` on ``device``, the same weights for all three; None
+    where the peer has no such model (early mask) or no official code was given."""
     torch.manual_seed(settings.seed)
     model = timm.create_model(config.model_name, norm_pix_loss=True)
     images = torch.randn(config.batch_size, *model.pretrained_cfg["input_size"], device=device)
     if implementation == "mae_timm":
         return Pretext(model.to(device), mae_timm_loss(settings.mask_ratio), images)
-    if not isinstance(model, MaskedAutoencoderViT):
+    if not isinstance(model, MaskedAutoencoderViT) or (implementation == "official" and official is None):
         return None
+    if implementation == "official":
+        return Pretext(official_like(official, model).to(device), official_loss(settings.mask_ratio), images)
     hf_model = mae_timm_to_hf(model, settings.mask_ratio, attn_implementation="sdpa")
     return Pretext(hf_model.to(device), hf_loss, images)
 
@@ -150,9 +170,11 @@ def seconds_per_step(step: Callable[[], torch.Tensor], settings: BenchSettings, 
 
 
 def measure(
-    pretext: Pretext, mode: str, settings: BenchSettings, device: torch.device, flops: dict[str, int], peak: float
+    pretext: Pretext, mode: str, settings: BenchSettings, device: torch.device, flops: dict[str, int], peak: float,
+    datasheet: float | None = None,
 ) -> dict:
-    """Inference and training speed of one (model, mode): img/s, ms/step, TFLOP/s, MFU, peak memory, loss."""
+    """Inference and training speed of one (model, mode): img/s, ms/step, TFLOP/s, MFU against the measured
+    ``peak`` and the ``datasheet`` peak (None: unknown), peak memory, loss."""
     dtype = getattr(torch, settings.dtype)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     model = pretext.model if mode == "eager" else torch.compile(pretext.model, mode=_compile_mode(mode))
@@ -191,6 +213,7 @@ def measure(
             "ms_per_step": seconds * 1e3,
             "tflops": tflops,
             "mfu": tflops / peak,
+            "mfu_datasheet": None if datasheet is None else tflops / datasheet,
             "peak_memory_gib": memory,
             "loss": loss,
         }
@@ -228,27 +251,46 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_config(config: BenchConfig, settings: BenchSettings, device: torch.device, peak: float) -> list[dict]:
-    """All rows of one config: each implementation in each mode."""
+def run_config(config: BenchConfig, settings: BenchSettings, device: torch.device, peak: float,
+               official: ModuleType | None = None, datasheet: float | None = None,
+               stop: Callable[[], bool] = lambda: False, on_row: Callable[[dict], None] = lambda row: None) -> list:
+    """All rows of one config: each implementation in each of its modes. ``stop()`` is asked before each row (a
+    time budget): once it says yes, the remaining rows are recorded as skipped. ``on_row`` sees each row."""
     rows = []
     for implementation in settings.implementations:
-        pretext = build(implementation, config, settings, device)
+        peer = implementation != "mae_timm" and settings.peer_modes is not None
+        modes = settings.peer_modes if peer else settings.modes
+        if not modes:
+            continue
+        if stop():
+            rows += [_skipped(config, implementation, mode) for mode in modes]
+            continue
+        pretext = build(implementation, config, settings, device, official)
         if pretext is None:
             continue
         flops = step_flops(pretext, settings)
         initial_state = {k: v.clone() for k, v in pretext.model.state_dict().items()}
-        for mode in settings.modes:
+        for mode in modes:
+            if stop():
+                rows.append(_skipped(config, implementation, mode))
+                continue
             pretext.model.load_state_dict(initial_state)  # every mode trains from the same weights and seed
             torch.manual_seed(settings.seed)
             row = {"config": config.key, "model": config.model_name, "implementation": implementation}
-            row |= measure(pretext, mode, settings, device, flops, peak)
+            row |= measure(pretext, mode, settings, device, flops, peak, datasheet)
             row["gflops_per_image"] = {phase: flops[phase] / config.batch_size / 1e9 for phase in flops}
             rows.append(row)
+            on_row(row)
             print(_row_line(row), flush=True)
             release(device)
         del pretext, initial_state
         release(device)
     return rows
+
+
+def _skipped(config: BenchConfig, implementation: str, mode: str) -> dict:
+    return {"config": config.key, "model": config.model_name, "implementation": implementation, "mode": mode,
+            "skipped": "time budget"}
 
 
 def _row_line(row: dict) -> str:
@@ -264,24 +306,39 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def render(rows: list[dict], peak: float, settings: BenchSettings) -> str:
-    """Markdown: the measured matmul peak, then training and inference tables."""
+def render(rows: list[dict], peak: float, settings: BenchSettings, datasheet: float | None = None) -> str:
+    """Markdown: the matmul peaks, then training and inference tables (with each row's speed-up over the best
+    peer in the same mode family), then the rows a time budget skipped."""
+    sheet = "unknown for this device" if datasheet is None else f"{datasheet:.4g} TFLOP/s"
     lines = [
-        f"{settings.dtype} matmul peak ({settings.matmul_size}^3, same run): {peak:.3g} TFLOP/s. "
-        f"{settings.warmup} warm-up + {settings.steps} timed steps per row; mask ratio {settings.mask_ratio}; "
-        "random input; norm-pix loss; fused AdamW.",
+        f"{settings.dtype} matmul peak ({settings.matmul_size}^3, same run): {peak:.3g} TFLOP/s; datasheet dense "
+        f"peak: {sheet}. {settings.warmup} warm-up + {settings.steps} timed steps per row; mask ratio "
+        f"{settings.mask_ratio}; random input (one batch, on the device); norm-pix loss; fused AdamW.",
     ]
-    header = ["config", "implementation", "mode", "batch", "img/s", "ms/step", "GFLOP/img", "TFLOP/s", "MFU",
-              "peak mem (GiB)", "loss"]
+    done = [r for r in rows if "skipped" not in r]
+    header = ["config", "implementation", "mode", "batch", "img/s", "vs best peer", "ms/step", "GFLOP/img",
+              "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)", "peak mem (GiB)", "loss"]
     for phase, title in (("train", "Training step (forward + backward + AdamW)"), ("infer", "Inference (forward)")):
         table = [
             [r["config"], r["implementation"], r["mode"], r["batch_size"], f"{r[phase]['img_per_s']:.0f}",
-             f"{r[phase]['ms_per_step']:.2f}", f"{r['gflops_per_image'][phase]:.4g}", f"{r[phase]['tflops']:.3g}",
-             f"{r[phase]['mfu']:.1%}", _fmt(r[phase]["peak_memory_gib"], ".2f"), f"{r[phase]['loss']:.4f}"]
-            for r in rows
+             _vs_best_peer(r, done, phase), f"{r[phase]['ms_per_step']:.2f}", f"{r['gflops_per_image'][phase]:.4g}",
+             f"{r[phase]['tflops']:.3g}", f"{r[phase]['mfu']:.1%}", _fmt(r[phase].get("mfu_datasheet"), ".1%"),
+             _fmt(r[phase]["peak_memory_gib"], ".2f"), f"{r[phase]['loss']:.4f}"]
+            for r in done
         ]
         lines += ["", f"{title}:", "", markdown_table(header, table)]
+    skipped = [f"{r['config']} {r['implementation']} {r['mode']}" for r in rows if "skipped" in r]
+    if skipped:
+        lines += ["", f"Not measured (time budget spent): {', '.join(skipped)}."]
     return "\n".join(lines)
+
+
+def _vs_best_peer(row: dict, rows: list[dict], phase: str) -> str:
+    """mae_timm's img/s over the fastest peer of the same config in any mode ('—' for peers and without one)."""
+    peers = [r[phase]["img_per_s"] for r in rows if r["config"] == row["config"] and r["implementation"] != "mae_timm"]
+    if row["implementation"] != "mae_timm" or not peers:
+        return "—"
+    return f"{row[phase]['img_per_s'] / max(peers):.2f}x"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -289,11 +346,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: test models, fp32, 2 timed steps")
     parser.add_argument("--config", nargs="+", help=f"configs to run (default: all); {list(CONFIGS)}")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="default: all on a GPU, eager with --tiny")
-    parser.add_argument("--implementations", nargs="+", choices=("mae_timm", "hf"), help="default: both")
+    parser.add_argument("--peer-modes", nargs="+", choices=MODES, help="modes of the peers (default: --modes)")
+    parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, help="default: all")
+    parser.add_argument("--official-dir", type=Path, help="a clone of facebookresearch/mae (holds models_mae.py)")
     parser.add_argument("--steps", type=int, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, help="untimed steps per row")
+    parser.add_argument("--warmup", type=int, help="untimed steps per row (0 allowed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/ on a GPU, none on CPU)")
+    parser.add_argument("--out", type=Path, help="results folder for throughput_<config>.{md,json} (default: none)")
     return parser.parse_args(argv)
 
 
@@ -301,26 +360,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configs = TINY_CONFIGS if args.tiny else CONFIGS
     settings = TINY_SETTINGS if args.tiny else BenchSettings()
-    overrides = dict(modes=args.modes, implementations=args.implementations, steps=args.steps, warmup=args.warmup)
-    settings = replace(settings, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v})
+    overrides = dict(modes=args.modes, peer_modes=args.peer_modes, implementations=args.implementations,
+                     steps=args.steps, warmup=args.warmup)
+    settings = replace(settings, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()
+                                    if v is not None})  # `--warmup 0` is a value
     unknown = set(args.config or ()) - set(configs)
     if unknown:
         print(f"unknown config {sorted(unknown)}; choose from {list(configs)}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    out = args.out or (RESULTS_DIR if device.type == "cuda" and not args.tiny else None)
+    official = load_official_mae(args.official_dir) if args.official_dir else None
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     peak = matmul_peak_tflops(device, getattr(torch, settings.dtype), settings.matmul_size)
-    print(f"{settings.dtype} matmul peak: {peak:.3g} TFLOP/s on {device}", flush=True)
+    datasheet = datasheet_peak_tflops(device, settings.dtype)
+    print(f"{settings.dtype} matmul peak: {peak:.3g} TFLOP/s on {device} (datasheet: {datasheet})", flush=True)
     run = describe_run(device)
     for key in args.config or configs:
-        rows = run_config(configs[key], settings, device, peak)
-        markdown = render(rows, peak, settings)
+        rows = run_config(configs[key], settings, device, peak, official, datasheet)
+        markdown = render(rows, peak, settings, datasheet)
         print(markdown)
-        if out is not None:
-            results = {"settings": asdict(settings), "matmul_peak_tflops": peak, "rows": rows}
-            write_results(out, f"throughput_{key}", run, results, markdown)
+        if args.out is not None:
+            results = {"settings": asdict(settings), "matmul_peak_tflops": peak, "datasheet_peak_tflops": datasheet,
+                       "rows": rows}
+            write_results(args.out, f"throughput_{key}", run, results, markdown)
     return 0
 
 

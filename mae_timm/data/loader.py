@@ -6,6 +6,9 @@ Reading order per epoch (every stage seeded from ``(seed, epoch)`` and, below th
       --> tar samples (tar_reader) --shuffle buffer--> decode to RGB (or L), central square at img_size (decode)
       --> batch --> (N, C, img_size, img_size) uint8 (C = in_chans: 3, or 1 for grayscale models), (N,) int64
 
+``decode`` picks the decoder (``mae_timm.data.decode``): ``torchvision`` (default) or ``pil`` in the workers, or
+``device``: the workers batch the JPEG bytes and the main process decodes each batch on ``decode_device``.
+
 The workers draw no augmentation: the random resized crop + flip are :class:`mae_timm.data.GpuAugment`'s, one
 batched op on the device.
 
@@ -35,16 +38,35 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys
 
-from mae_timm.data.decode import DECODE_ERRORS, IMAGE_MODES, center_crop, decode_sample
+from mae_timm.data.decode import (
+    DECODE_ERRORS,
+    DECODERS,
+    JPEG_FIELDS,
+    IMAGE_MODES,
+    EncodedBatch,
+    decode_batch,
+    decode_resized,
+    encode_batch,
+    sample_image,
+)
 from mae_timm.data.shard_set import ShardSet, resolve_shards, shards_for_reader
 from mae_timm.data.sources import DataError
 from mae_timm.data.tar_reader import DamagedShard, tar_members
 
-__all__ = ["ShardLoader", "create_loader"]
+__all__ = ["ShardLoader", "create_loader", "default_num_workers"]
 
 _logger = logging.getLogger(__name__)
 
 MAX_READERS = 1024  # rows of the shared error-count table (rank-local workers)
+MAIN_PROCESS_ROW = MAX_READERS - 1  # the row of images that the main process fails to decode (decode='device')
+
+
+def default_num_workers() -> int:
+    """Loader workers per rank when none are asked for: this rank's share of the CPU cores it may use, less two
+    (the training loop and the pin-memory thread), at least 1: 14 on a 16-core one-GPU host."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
+    return max(1, cores // max(1, ranks_here) - 2)
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +76,12 @@ def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.
         images = images.unsqueeze(-1)  # (N, H, W, 1)
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
     return images.permute(0, 3, 1, 2).contiguous(), labels  # (N, C, H, W)
+
+
+def collate_encoded(samples: list[tuple[bytes, int, str]]) -> tuple[EncodedBatch, torch.Tensor]:
+    """JPEG bytes, class ids and keys -> (EncodedBatch of N images, (N,) int64), for ``decode='device'``."""
+    batch = encode_batch([s[0] for s in samples], [s[2] for s in samples])
+    return batch, torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
 @dataclass
@@ -74,6 +102,7 @@ class _Stream:
     batches_per_worker: int | None  # training: batches per reader and epoch; None: one pass (evaluation)
     epoch: int = 0
     image_mode: str = "RGB"  # PIL mode images are decoded to: 'RGB', or 'L' for 1-channel models
+    decoder: str = "torchvision"  # pil / torchvision: decode in the workers; device: ship bytes (decode.py)
 
     def _reader(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -119,19 +148,32 @@ class _Stream:
         initial = max(1, self.shuffle_buffer // 4)
         yield from wds.shuffle(self.shuffle_buffer, initial, rng=self._rng("samples", repetition))(samples)
 
+    @property
+    def decode_crop_pct(self) -> float:
+        return 1.0 if self.train else self.crop_pct
+
     def decode(self, samples: Iterator[dict]) -> Iterator[tuple[np.ndarray, int]]:
         """Decode each sample to its central square at ``img_size``; an image that fails to decode is counted,
         logged and skipped. No randomness: the random crop + flip are GpuAugment's, on the device."""
-        crop_pct = 1.0 if self.train else self.crop_pct
+        if self.decoder == "device":
+            yield from self.jpeg_bytes(samples)
+            return
         for sample in samples:
             try:
-                image, label = decode_sample(sample, self.image_mode)
+                yield decode_resized(sample, self.img_size, self.decode_crop_pct, self.decoder, self.image_mode)
             except DECODE_ERRORS as exn:
                 self.errors[self._reader()[0], 0] += 1
                 _logger.warning("skipped undecodable image %s in %s: %r", sample.get("__key__"),
                                 sample.get("__url__"), exn)
-                continue
-            yield center_crop(image, self.img_size, crop_pct), label
+
+    def jpeg_bytes(self, samples: Iterator[dict]) -> Iterator[tuple[bytes, int, str]]:
+        """``decode='device'``: each sample's (JPEG bytes, class, key), undecoded; another format stops the epoch."""
+        for sample in samples:
+            field, data = sample_image(sample)
+            if field not in JPEG_FIELDS:
+                raise DataError(f"decode='device' reads JPEG only; sample {sample.get('__key__')} in "
+                                f"{sample.get('__url__')} holds {field}: use decode='torchvision'")
+            yield data, int(sample["cls"]) if "cls" in sample else -1, sample.get("__key__", "")
 
     def one_pass(self, urls: list[str], repetition: int) -> Iterator[tuple[np.ndarray, int]]:
         """Decoded ``(img_size, img_size[, 3])`` images and labels of one pass over ``urls``, one stage per line."""
@@ -161,7 +203,8 @@ class _Stream:
     def pipeline(self) -> wds.DataPipeline:
         return wds.DataPipeline(
             self.samples,
-            wds.batched(self.batch_size, collation_fn=collate, partial=not self.train),
+            wds.batched(self.batch_size, collation_fn=collate_encoded if self.decoder == "device" else collate,
+                        partial=not self.train),
             wds.slice(self.batches_per_worker) if self.train else None,
         )
 
@@ -169,8 +212,10 @@ class _Stream:
 class ShardLoader:
     """Batches ``(images (N, C, H, W) uint8, labels (N,) int64)`` from shards; see :func:`create_loader`."""
 
-    def __init__(self, stream: _Stream, shard_set: ShardSet, num_workers: int, pin_memory: bool, batches: int):
+    def __init__(self, stream: _Stream, shard_set: ShardSet, num_workers: int, pin_memory: bool, batches: int,
+                 decode_device: torch.device | None = None):
         self.stream = stream
+        self.decode_device = decode_device  # where decode='device' decodes; None for the other decoders
         self.shard_set = shard_set
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -211,7 +256,7 @@ class ShardLoader:
             pin_memory=self.pin_memory,
         )
         try:
-            yield from loader
+            yield from loader if self.decode_device is None else map(self.decode_on_device, loader)
         except DataError as exn:
             lines = str(exn).rstrip().splitlines()
             if len(lines) == 1:
@@ -223,6 +268,18 @@ class ShardLoader:
             self._reported = sum(errors.values())
             _logger.warning("epoch %d: skipped %d undecodable images and %d damaged shards so far", self.stream.epoch,
                             errors["bad_images"], errors["bad_shards"])
+
+
+    def decode_on_device(self, batch: tuple[EncodedBatch, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(EncodedBatch, labels) -> ((M, 3, S, S) uint8 on ``decode_device``, (M,) labels). An image that does not
+        decode is counted, logged and dropped, so its batch comes out short (the workers never see the pixels)."""
+        encoded, labels = batch
+        images, kept, failed = decode_batch(encoded, self.stream.img_size, self.stream.decode_crop_pct,
+                                            self.decode_device, self.stream.image_mode)
+        for key, exn in failed.items():
+            self.stream.errors[MAIN_PROCESS_ROW, 0] += 1
+            _logger.warning("skipped undecodable image %s: %r", key, exn)
+        return images, labels if not failed else labels[kept]
 
 
 def _eval_batches(shard_set: ShardSet, batch_size: int, rank: int, world_size: int, num_workers: int) -> int:
@@ -253,7 +310,7 @@ def create_loader(
     train: bool,
     img_size: int,
     in_chans: int = 3,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     seed: int = 0,
     epoch: int = 0,
     resampled: bool = False,
@@ -263,6 +320,8 @@ def create_loader(
     rank: int | None = None,
     world_size: int | None = None,
     pin_memory: bool | None = None,
+    decode: str = "torchvision",
+    decode_device: str | torch.device | None = None,
 ) -> ShardLoader:
     """A loader of ``(images (N, in_chans, img_size, img_size) uint8, labels (N,) int64)`` batches from shards.
 
@@ -278,7 +337,14 @@ def create_loader(
         batches), for fewer shards than ranks x workers.
     rank / world_size: default to torch.distributed's, else 0 / 1. ``set_epoch`` selects the epoch; order and
         are a function of (seed, epoch, rank, worker).
+    num_workers: decoding processes; None: :func:`default_num_workers` (the machine's cores), and for training no
+        more than this rank's share of the shards.
+    decode: ``torchvision`` (decode_jpeg in the workers, PIL for other formats), ``pil``, or ``device`` (JPEG only:
+        the workers ship bytes, each batch is decoded on ``decode_device``, default CUDA when available, and
+        arrives there). See ``mae_timm.data.decode``.
     """
+    if decode not in DECODERS:
+        raise DataError(f"decode={decode!r} is unknown; choose one of {', '.join(DECODERS)}")
     if rank is None or world_size is None:
         rank, world_size = _distributed()
     if in_chans not in IMAGE_MODES:
@@ -286,9 +352,12 @@ def create_loader(
     if resampled and not train:
         raise DataError("resampled=True is for training; evaluation reads every sample once")
     shard_set = resolve_shards(source, split, num_samples)
+    if num_workers is None:
+        shard_share = len(shard_set.urls) // world_size if train and not resampled else len(shard_set.urls)
+        num_workers = max(1, min(default_num_workers(), shard_share))
     readers = max(1, num_workers)
-    if readers > MAX_READERS:
-        raise DataError(f"num_workers={num_workers} is more than the {MAX_READERS} this loader counts errors for")
+    if readers > MAIN_PROCESS_ROW:
+        raise DataError(f"num_workers={num_workers} is more than the {MAIN_PROCESS_ROW} this loader counts errors for")
     if train:
         if shard_set.num_samples is None:
             raise DataError(f"the number of samples in {source!r} is unknown; pass num_samples=")
@@ -308,8 +377,12 @@ def create_loader(
     errors = torch.zeros(MAX_READERS, 2, dtype=torch.int64).share_memory_()
     stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
                      world_size=world_size, resampled=resampled, crop_pct=crop_pct, shuffle_buffer=shuffle_buffer,
-                     errors=errors, batches_per_worker=batches_per_worker, epoch=epoch,
+                     errors=errors, batches_per_worker=batches_per_worker, epoch=epoch, decoder=decode,
                      image_mode=IMAGE_MODES[in_chans])
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return ShardLoader(stream, shard_set, num_workers, pin_memory, batches)
+    if decode == "device":
+        decode_device = torch.device(decode_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        decode_device = None
+    return ShardLoader(stream, shard_set, num_workers, pin_memory, batches, decode_device)
