@@ -21,6 +21,7 @@ from mae_timm.data.synthetic import SyntheticImages
 from mae_timm.engine.config import PretrainConfig, load_config
 from mae_timm.engine.eval_setup import input_channels
 from mae_timm.engine.pretrain import build_model
+from mae_timm.models.factory import model_record
 from mae_timm.viz import is_gray, save_reconstruction_grid, to_display
 
 ASSETS = Path(mae_timm.__file__).parent / "assets"  # Fashion-MNIST sample: 5,000 train + 1,000 test images
@@ -175,7 +176,8 @@ def test_shipped_configs_build_their_model(path):
     """Every config loads and builds; the Fashion-MNIST ones are native 28 px, 1 channel, and normalise with the
     statistics `mae-timm shards fashion-mnist` records for the 60,000 training images."""
     cfg = load_config(PretrainConfig, path)
-    model, _ = build_model(cfg.model, cfg.model_kwargs, cfg.norm_pix_loss)
+    record = model_record(cfg.model, cfg.model_kwargs, cfg.pretext, cfg.encoder, cfg.encoder_kwargs)
+    model, _ = build_model(record, cfg.norm_pix_loss)
     size, channels = model.patch_embed.img_size[0], input_channels(model)
     if path.stem.startswith("fashion_mnist"):
         assert (size, channels) == (28, 1) and cfg.img_size in (None, 28)

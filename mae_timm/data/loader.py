@@ -41,8 +41,8 @@ from webdataset.tariterators import group_by_keys
 from mae_timm.data.decode import (
     DECODE_ERRORS,
     DECODERS,
-    JPEG_FIELDS,
     IMAGE_MODES,
+    JPEG_FIELDS,
     EncodedBatch,
     decode_batch,
     decode_resized,
