@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import signal
 import time
@@ -35,10 +36,11 @@ from torch.nn.parallel import DistributedDataParallel
 from mae_timm import __version__
 from mae_timm.data import DataError, GpuAugment, create_loader, read_info
 from mae_timm.data.synthetic import SyntheticImages
-from mae_timm.engine.checkpoint import capture_rng_state, restore_rng_state
+from mae_timm.engine.checkpoint import capture_rng_state, load_weights, restore_rng_state
 from mae_timm.engine.config import PretrainConfig
 from mae_timm.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
 from mae_timm.engine.resume import agree_on_resume, check_resumable
+from mae_timm.engine.run_lock import hold_run_folder
 from mae_timm.engine.run_output import RunOutput
 from mae_timm.engine.runtime import (
     NonFiniteLossError,
@@ -70,7 +72,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) pretraining as configured; joins the torchrun process group when there is one."""
     info = init_distributed(cfg.device)
     try:
-        return _pretrain(cfg, info)
+        with hold_run_folder(cfg.out, info.is_main):  # one run writes a run folder at a time
+            return _pretrain(cfg, info)
     finally:
         cleanup_distributed()
 
@@ -81,7 +84,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     resumed = agree_on_resume(cfg.resume, run_dir, info.is_main)  # a used --out stops the run here, before any work
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, model_kwargs = build_model(cfg.model, cfg.model_kwargs, cfg.norm_pix_loss)
+    model_kwargs = dict(cfg.model_kwargs, img_size=cfg.img_size) if cfg.img_size else cfg.model_kwargs
+    model, model_kwargs = build_model(cfg.model, model_kwargs, cfg.norm_pix_loss)
     model.to(info.device).train()
     img_size = cfg.img_size or int(model.patch_embed.img_size[-1])  # the size the model was built for
     loader = _create_loader(cfg, info.rank, img_size, split=cfg.split, train=True, batch_size=cfg.batch_size)
@@ -119,7 +123,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     step, last_checkpoint = 0, None
     if resumed is not None:
         last_checkpoint, ckpt = resumed
-        check_resumable(ckpt, last_checkpoint, cfg.model, updates_per_epoch)
+        check_resumable(ckpt, last_checkpoint, cfg.model, updates_per_epoch, world_size=info.world_size,
+                        batch_size=cfg.batch_size, accum_steps=cfg.accum_steps)
         step = trainer.load_state_dict(ckpt)
 
     output = None
@@ -242,7 +247,7 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict) -> int:
         """Restore a checkpoint (checked by ``resume.check_resumable``); returns its step."""
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one line, not 75
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -260,9 +265,15 @@ def build_model(name: str, model_kwargs: dict, norm_pix_loss: bool) -> tuple[nn.
     if name not in timm.list_models():
         raise UserError(f"unknown model {name!r}; pretext models: {pretext}")
     model_kwargs = dict(model_kwargs)
-    model = timm.create_model(name, **model_kwargs)
+    try:
+        model = timm.create_model(name, **model_kwargs)
+    except TypeError as e:  # a keyword argument the model does not take
+        raise UserError(f"{name} cannot be built with --model-kwargs {json.dumps(model_kwargs)}: {e}") from None
     if not is_pretext_model(model):
         raise UserError(f"{name} is not a pretext model (see mae_timm/models/base.py); pretext models: {pretext}")
+    img_size, patch_size = tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
+    if any(i % p for i, p in zip(img_size, patch_size)):
+        raise UserError(f"img_size {img_size[0]} is not a multiple of the patch size {patch_size[0]} of {name}")
     if model.predicts_pixels:
         # the flag only selects the loss target, so setting it after construction equals passing it as a kwarg
         model.norm_pix_loss = model_kwargs["norm_pix_loss"] = norm_pix_loss
