@@ -26,7 +26,8 @@ _HELD: set[Path] = set()  # folders this process holds: POSIX locks do not keep 
 
 
 class RunLock:
-    """The lock of one run folder: ``acquire`` (UserError naming the owner when another process holds it), ``release``."""
+    """The lock of one run folder: ``acquire`` (UserError naming the owner when another process holds it),
+    ``release``."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
