@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_engine_pretrain as engine_tests
 import timm
 import torch
-from fakes import jpeg_bytes, make_shards
+from fakes import jpeg_bytes
 
 import mae_timm.engine.pretrain as pretrain_module
 from mae_timm import cli
@@ -29,21 +29,9 @@ from mae_timm.engine.finetune import finetune_evaluate
 from mae_timm.engine.pretrain import pretrain
 from mae_timm.engine.runtime import NonFiniteLossError, UserError
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("engine"))  # 32 train images of 32 px in 4 shards
+ENV = engine_tests.ONE_THREAD_ENV
+one_thread = engine_tests.one_thread  # fixture: one torch thread in every test
+shards = engine_tests.shards  # fixture: 32 train images of 32 px in 4 shards
 
 
 def config(out: Path, shards: Path, **overrides) -> PretrainConfig:

@@ -79,7 +79,7 @@ class PretrainConfig:
     split: str = "train"  # split of the shard directory to pretrain on
     synthetic: bool = False  # random images derived from (seed, rank, step) instead of shards: smoke tests, timing
     synthetic_samples: int = 4096  # images per synthetic epoch
-    img_size: int | None = None  # None: the model's input size (pretrained_cfg input_size)
+    img_size: int | None = None  # None: the model's input size; else the model is built at it (a multiple of its patch)
     crop_scale_min: float = 0.2  # MAE: RandomResizedCrop(scale=(0.2, 1.0)), done on the device
     hflip: bool = True  # MAE: random horizontal flip
     num_workers: int = 4  # data loader processes per rank

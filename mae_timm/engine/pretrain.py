@@ -40,7 +40,7 @@ from mae_timm.engine.checkpoint import capture_rng_state, load_weights, restore_
 from mae_timm.engine.config import PretrainConfig
 from mae_timm.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
 from mae_timm.engine.resume import agree_on_resume, check_resumable
-from mae_timm.engine.run_lock import hold_run_folder
+from mae_timm.engine.run_lock import RunLock, lock_on_main
 from mae_timm.engine.run_output import RunOutput
 from mae_timm.engine.runtime import (
     NonFiniteLossError,
@@ -71,17 +71,19 @@ class PretrainResult:
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) pretraining as configured; joins the torchrun process group when there is one."""
     info = init_distributed(cfg.device)
+    lock = RunLock(cfg.out)  # one run writes a run folder at a time
     try:
-        with hold_run_folder(cfg.out, info.is_main):  # one run writes a run folder at a time
-            return _pretrain(cfg, info)
+        return _pretrain(cfg, info, lock)
     finally:
+        lock.release()
         cleanup_distributed()
 
 
-def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
+def _pretrain(cfg: PretrainConfig, info: DistInfo, lock: RunLock) -> PretrainResult:
     check_warmup(cfg.warmup_epochs, cfg.epochs)
     run_dir = Path(cfg.out)
     resumed = agree_on_resume(cfg.resume, run_dir, info.is_main)  # a used --out stops the run here, before any work
+    lock_on_main(lock, info.is_main)  # a folder another run writes stops it here: nothing was written yet
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model_kwargs = dict(cfg.model_kwargs, img_size=cfg.img_size) if cfg.img_size else cfg.model_kwargs

@@ -9,17 +9,15 @@ the folder (removing it would let two runs lock two different files of one name)
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 from mae_timm.engine.distributed import broadcast_object
 from mae_timm.engine.runtime import UserError
 
-__all__ = ["LOCK_NAME", "RunLock", "hold_run_folder"]
+__all__ = ["LOCK_NAME", "RunLock", "lock_on_main"]
 
 LOCK_NAME = "run.lock"
 _HELD: set[Path] = set()  # folders this process holds: POSIX locks do not keep out the owner's own second try
@@ -65,10 +63,9 @@ class RunLock:
             self._fd = None
 
 
-@contextlib.contextmanager
-def hold_run_folder(run_dir: str | os.PathLike, is_main: bool) -> Iterator[None]:
-    """Rank 0 holds the run folder's lock for the block; its refusal is raised on every rank."""
-    lock, error = RunLock(run_dir), None
+def lock_on_main(lock: RunLock, is_main: bool) -> None:
+    """Rank 0 takes ``lock``; its refusal is raised on every rank."""
+    error = None
     if is_main:
         try:
             lock.acquire()
@@ -77,7 +74,3 @@ def hold_run_folder(run_dir: str | os.PathLike, is_main: bool) -> Iterator[None]
     error = broadcast_object(error)
     if error is not None:
         raise error
-    try:
-        yield
-    finally:
-        lock.release()
