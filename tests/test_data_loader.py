@@ -175,7 +175,8 @@ def test_corrupted_jpeg_skipped_and_counted(fake, tiny_shards, caplog, num_worke
     with caplog.at_level(logging.WARNING, logger="mae_timm.data.loader"):
         _, labels, _ = collect(loader)
     assert len(labels) == len(fake.images["train"]) - 1
-    assert loader.errors == {"bad_images": 1, "bad_shards": 0}  # counted in a worker, read in the main process
+    # counted in a worker, read in the main process
+    assert loader.errors == {"bad_images": 1, "bad_shards": 0, "reserved_members": 0}
     messages = " ".join(r.getMessage() for r in caplog.records)
     if num_workers == 0:  # worker processes log to their own stderr
         assert fake.corrupted_key in messages
@@ -203,7 +204,8 @@ def test_truncated_tar_loses_only_what_follows(tiny_shards, tmp_path):
     total = read_info(directory)["splits"]["validation"]["num_samples"]
     shard_length = read_info(directory)["splits"]["validation"]["shard_lengths"][0]
     assert len(labels) == total - shard_length + 1  # the first sample of the damaged shard survives
-    assert loader.errors == {"bad_images": 1, "bad_shards": 1}  # the sample cut in half, and the shard
+    # the sample cut in half, and the shard
+    assert loader.errors == {"bad_images": 1, "bad_shards": 1, "reserved_members": 0}
 
 
 def test_missing_shard_and_empty_pattern_fail_before_work(shards, tmp_path):

@@ -1,41 +1,62 @@
-"""``mae-timm shards {tiny-imagenet,imagefolder,fashion-mnist} --src SRC --out DIR``: write WebDataset shards."""
+"""``mae-timm shards {tiny-imagenet,imagefolder,fashion-mnist} --src SRC --out DIR``: write WebDataset shards;
+``mae-timm shards verify DIR``: check every shard against the sha256 its ``_info.json`` records."""
 
 from __future__ import annotations
 
 import argparse
 
 from mae_timm.data import DataError, fashion_mnist, imagefolder, tiny_imagenet, write_source
+from mae_timm.data.shards import verify_shards
 from mae_timm.data.sources import FASHION_MNIST_ROOT
+from mae_timm.data.tiny_imagenet import MAX_MEMBER_BYTES
 
 SOURCES = ("tiny-imagenet", "imagefolder", "fashion-mnist")
 DEFAULT_SPLITS = {"tiny-imagenet": "train,validation", "imagefolder": None, "fashion-mnist": "train,validation"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("source", choices=SOURCES, help="kind of input")
+    sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    for source in SOURCES:
+        _add_source_arguments(sources.add_parser(source, help=f"write shards of {source}"), source)
+    verify = sources.add_parser("verify", help="check every shard of DIR against the sha256 in its _info.json; "
+                                "exit code 1 names the bad ones")
+    verify.add_argument("dir", help="shard directory (with _info.json)")
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser, source: str) -> None:
     parser.add_argument("--src", help="tiny-imagenet: the zip, its folder or a URL (http/https/file); imagefolder: "
                         f"root/<split>/<class>/<image>; fashion-mnist: IDX folder (default {FASHION_MNIST_ROOT})")
-    parser.add_argument("--out", required=True, help="shard directory (created; shards already complete are kept)")
+    parser.add_argument("--out", required=True, help="shard directory (created; shards already complete and "
+                        "matching the sha256 in its _info.json are kept, damaged ones rewritten)")
     parser.add_argument("--splits", help="comma-separated splits (train, validation, test); default: "
                         "train,validation (imagefolder: the split folders present)")
-    parser.add_argument("--md5", help="expected md5 of the downloaded/given zip; 'none' skips the check (default: "
-                        "the official md5 when the file is named tiny-imagenet-200.zip, else no check)")
-    parser.add_argument("--download-dir", default="~/.cache/mae_timm", help="where a URL source is downloaded")
     parser.add_argument("--shard-size", type=int, default=5000, help="most samples per shard")
     parser.add_argument("--min-shards", type=int, default=16, help="fewest shards per split (for workers x ranks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train split's shuffle before writing")
-    parser.add_argument("--limit", type=int, help="fashion-mnist: keep the first N images of each split")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if source == "tiny-imagenet":
+        parser.add_argument("--md5", help="expected md5 of the downloaded/given zip; 'none' skips the check "
+                            "(default: the official md5 when the file is named tiny-imagenet-200.zip, else no check)")
+        parser.add_argument("--download-dir", default="~/.cache/mae_timm", help="where a URL source is downloaded")
+        parser.add_argument("--max-member-mb", type=float, default=MAX_MEMBER_BYTES / 2**20,
+                            help="largest file read from the zip or folder, in MiB (larger ones are refused)")
+    if source == "fashion-mnist":
+        parser.add_argument("--limit", type=int, help="keep the first N images of each split")
 
 
 def run(args: argparse.Namespace, name: str) -> int:
+    if args.source == "verify":
+        return _verify(args.dir)
     splits = args.splits or DEFAULT_SPLITS[args.source]
     splits = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
     # DataError is a ValueError: mae_timm.cli prints it as one line, exit code 2
     if args.source == "tiny-imagenet":
         if not args.src:
             raise DataError("tiny-imagenet needs --src (the zip, its extracted folder, or a URL)")
-        data = tiny_imagenet(args.src, splits, md5=args.md5, download_dir=args.download_dir, progress=not args.quiet)
+        if args.max_member_mb <= 0:
+            raise DataError(f"--max-member-mb is {args.max_member_mb}; it must be above 0")
+        data = tiny_imagenet(args.src, splits, md5=args.md5, download_dir=args.download_dir, progress=not args.quiet,
+                             max_member_bytes=int(args.max_member_mb * 2**20))
     elif args.source == "imagefolder":
         if not args.src:
             raise DataError("imagefolder needs --src (root/<split>/<class>/<image> or root/<class>/<image>)")
@@ -47,3 +68,12 @@ def run(args: argparse.Namespace, name: str) -> int:
     for split, entry in info["splits"].items():
         print(f"{args.out}: {split}: {entry['num_samples']} samples in {len(entry['filenames'])} shards")
     return 0
+
+
+def _verify(directory: str) -> int:
+    """Print a line per bad shard and a summary; 0 when every shard matches, 1 otherwise."""
+    checked, bad = verify_shards(directory)
+    for path, problem in bad.items():
+        print(f"bad shard {path}: {problem}")
+    print(f"{directory}: {checked - len(bad)} of {checked} shards match their sha256")
+    return 1 if bad else 0

@@ -19,17 +19,26 @@ raises :class:`DataError` instead of looping. Evaluation reads every sample once
 partial last batch per worker.
 
 Bad input never stops an epoch: an image that does not decode is skipped, counted in ``loader.errors`` and
-logged; a damaged shard loses only the samples after the damage. Shards that are missing, or a pattern that
-names none, are reported before any worker starts.
+logged; a damaged shard loses only the samples after the damage (with ``verify=True``, a shard whose sha256
+differs from ``_info.json`` is skipped whole); tar members with webdataset's reserved metadata names
+(``__name__``) are skipped and counted. Shards that are missing, or a pattern that names none, are reported before
+any worker starts.
+
+The workers ignore SIGTERM and SIGINT: a scheduler's (or ``timeout``'s) signal to the whole process group reaches
+the main process, which decides (pretraining finishes the update, saves and exits), instead of killing the workers
+under it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
 import os
 import random
+import re
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -67,6 +76,14 @@ def default_num_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
     return max(1, cores // max(1, ranks_here) - 2)
+ERROR_KINDS = ("bad_images", "bad_shards", "reserved_members")  # columns of the shared error-count table
+RESERVED_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (its tar_file_iterator skips them)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a process-group SIGTERM / SIGINT is the main process's to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +115,12 @@ class _Stream:
     resampled: bool
     crop_pct: float  # evaluation's; training decodes the whole central square (crop_pct 1)
     shuffle_buffer: int
-    errors: torch.Tensor  # (MAX_READERS, 2) shared int64 counts per worker: undecodable images, shard errors
+    errors: torch.Tensor  # (MAX_READERS, len(ERROR_KINDS)) shared int64 counts per worker
     batches_per_worker: int | None  # training: batches per reader and epoch; None: one pass (evaluation)
     epoch: int = 0
     image_mode: str = "RGB"  # PIL mode images are decoded to: 'RGB', or 'L' for 1-channel models
     decoder: str = "torchvision"  # pil / torchvision: decode in the workers; device: ship bytes (decode.py)
+    sha256: dict[str, str] | None = None  # url -> recorded digest: verify each shard before reading it
 
     def _reader(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -122,24 +140,34 @@ class _Stream:
                                  world_size=self.world_size, worker=worker, num_workers=num_workers,
                                  shuffle=self.train, repetition=repetition)
 
+    def count(self, kind: str) -> None:
+        """Add one to this reader's count of ``kind`` (one of ERROR_KINDS) in the shared table."""
+        self.errors[self._reader()[0], ERROR_KINDS.index(kind)] += 1
+
     def tar_files(self, urls: list[str]) -> Iterator[dict]:
-        """The files of each shard in order; a shard that cannot be read or breaks off is counted once, logged,
-        and left at the damage (the files before it are kept)."""
+        """The files of each shard in order; a shard that cannot be read, breaks off or (with ``sha256``) has
+        another digest is counted once, logged, and left at the damage (the files before it are kept). Members
+        with reserved names are counted and skipped."""
         for url in urls:
             try:
                 with wds.gopen(url) as stream:
                     data = stream.read()
+                if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[url]:
+                    raise DamagedShard("its sha256 differs from the one _info.json records")
                 for name, value in tar_members(data):
-                    if not name.startswith("__") and "/__" not in name:  # webdataset's metadata files
-                        yield dict(fname=name, data=value, __url__=url)
+                    if RESERVED_NAME.match(name):
+                        self.count("reserved_members")
+                        _logger.warning("skipped tar member %s of %s: a reserved (metadata) name", name, url)
+                        continue
+                    yield dict(fname=name, data=value, __url__=url)
             except (OSError, DamagedShard, UnicodeDecodeError) as exn:
-                self.errors[self._reader()[0], 1] += 1
+                self.count("bad_shards")
                 _logger.warning("skipped the rest of damaged shard %s: %s", url, exn)
             yield {}  # end of shard: group_by_keys must not join samples across shards
 
     def malformed_shard(self, exn: Exception) -> bool:
         """Count and log a shard whose files do not group into samples (duplicate names), then go on."""
-        self.errors[self._reader()[0], 1] += 1
+        self.count("bad_shards")
         _logger.warning("skipped a malformed sample: %s", exn.args[0])
         return True
 
@@ -162,7 +190,7 @@ class _Stream:
             try:
                 yield decode_resized(sample, self.img_size, self.decode_crop_pct, self.decoder, self.image_mode)
             except DECODE_ERRORS as exn:
-                self.errors[self._reader()[0], 0] += 1
+                self.count("bad_images")
                 _logger.warning("skipped undecodable image %s in %s: %r", sample.get("__key__"),
                                 sample.get("__url__"), exn)
 
@@ -237,9 +265,9 @@ class ShardLoader:
 
     @property
     def errors(self) -> dict[str, int]:
-        """Bad input skipped so far (all epochs, this rank): undecodable images and damaged or unreadable shards."""
-        bad_images, bad_shards = self.stream.errors.sum(0).tolist()
-        return dict(bad_images=bad_images, bad_shards=bad_shards)
+        """Input skipped so far (all epochs, this rank): undecodable images, damaged or unreadable shards (with
+        ``verify``: shards whose sha256 differs), tar members with reserved names."""
+        return dict(zip(ERROR_KINDS, self.stream.errors.sum(0).tolist(), strict=True))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shard order and sample order the next iteration uses."""
@@ -254,6 +282,7 @@ class ShardLoader:
             batch_size=None,  # batches are made inside the workers
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            worker_init_fn=ignore_stop_signals,
         )
         try:
             yield from loader if self.decode_device is None else map(self.decode_on_device, loader)
@@ -266,8 +295,9 @@ class ShardLoader:
         errors = self.errors
         if sum(errors.values()) > self._reported:
             self._reported = sum(errors.values())
-            _logger.warning("epoch %d: skipped %d undecodable images and %d damaged shards so far", self.stream.epoch,
-                            errors["bad_images"], errors["bad_shards"])
+            _logger.warning("epoch %d: skipped %d undecodable images, %d damaged shards and %d reserved members so "
+                            "far", self.stream.epoch, errors["bad_images"], errors["bad_shards"],
+                            errors["reserved_members"])
 
 
     def decode_on_device(self, batch: tuple[EncodedBatch, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,6 +352,7 @@ def create_loader(
     pin_memory: bool | None = None,
     decode: str = "torchvision",
     decode_device: str | torch.device | None = None,
+    verify: bool = False,
 ) -> ShardLoader:
     """A loader of ``(images (N, in_chans, img_size, img_size) uint8, labels (N,) int64)`` batches from shards.
 
@@ -342,6 +373,8 @@ def create_loader(
     decode: ``torchvision`` (decode_jpeg in the workers, PIL for other formats), ``pil``, or ``device`` (JPEG only:
         the workers ship bytes, each batch is decoded on ``decode_device``, default CUDA when available, and
         arrives there). See ``mae_timm.data.decode``.
+    verify: check each shard against the sha256 that ``_info.json`` records before reading it (one more pass over
+        its bytes); a shard that differs is skipped whole and counted in ``errors['bad_shards']``.
     """
     if decode not in DECODERS:
         raise DataError(f"decode={decode!r} is unknown; choose one of {', '.join(DECODERS)}")
@@ -374,11 +407,14 @@ def create_loader(
             raise DataError(f"the number of samples in {source!r} is unknown; pass num_samples=")
         batches_per_worker = None
         batches = _eval_batches(shard_set, batch_size, rank, world_size, readers)
-    errors = torch.zeros(MAX_READERS, 2, dtype=torch.int64).share_memory_()
+    if verify and shard_set.sha256 is None:
+        raise DataError(f"verify=True needs the shards' sha256 in an _info.json, which {source!r} lacks")
+    errors = torch.zeros(MAX_READERS, len(ERROR_KINDS), dtype=torch.int64).share_memory_()
     stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
                      world_size=world_size, resampled=resampled, crop_pct=crop_pct, shuffle_buffer=shuffle_buffer,
                      errors=errors, batches_per_worker=batches_per_worker, epoch=epoch, decoder=decode,
-                     image_mode=IMAGE_MODES[in_chans])
+                     image_mode=IMAGE_MODES[in_chans],
+                     sha256=dict(zip(shard_set.urls, shard_set.sha256, strict=True)) if verify else None)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if decode == "device":

@@ -26,6 +26,7 @@ class ShardSet:
     shard_lengths: list[int] | None  # None when the shards came without an _info.json
     num_samples: int | None
     info: dict = field(default_factory=dict)  # the _info.json, {} without one
+    sha256: list[str] | None = None  # the digests _info.json records, None without them
 
 
 def _local_path(url: str) -> str | None:
@@ -38,20 +39,25 @@ def _local_path(url: str) -> str | None:
     return None
 
 
-def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, dict]:
-    """Shard lengths of local shard urls from an _info.json beside them, if one lists them all."""
+def _recorded(entries: list[dict], names: list[str], key: str) -> list | None:
+    """``key`` ('shard_lengths', 'sha256') of each shard file in ``names`` from _info.json split entries, or None
+    when they do not record it for all of them."""
+    found = {}
+    for entry in entries:
+        if key in entry:
+            found.update(zip(entry["filenames"], entry[key]))
+    return [found[n] for n in names] if all(n in found for n in names) else None
+
+
+def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, list[str] | None, dict]:
+    """Shard lengths and digests of local shard urls from an _info.json beside them, if one lists them all."""
     paths = [_local_path(u) for u in urls]
     folders = {os.path.dirname(p) for p in paths if p is not None}
     if None in paths or len(folders) != 1 or not os.path.isfile(os.path.join(folders.pop() or ".", INFO_NAME)):
-        return None, {}
+        return None, None, {}
     info = read_info(os.path.dirname(paths[0]) or ".")
-    lengths = {}
-    for split in info.get("splits", {}).values():
-        lengths.update(zip(split["filenames"], split["shard_lengths"]))
-    names = [os.path.basename(p) for p in paths]
-    if not all(n in lengths for n in names):
-        return None, info
-    return [lengths[n] for n in names], info
+    entries, names = list(info.get("splits", {}).values()), [os.path.basename(p) for p in paths]
+    return _recorded(entries, names, "shard_lengths"), _recorded(entries, names, "sha256"), info
 
 
 def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
@@ -64,11 +70,11 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_sa
             raise DataError(f"{source} has no split {split!r} (it has {sorted(splits)}); write it with mae-timm shards")
         entry = splits[split]
         urls = [os.path.join(str(source), name) for name in entry["filenames"]]
-        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info)
+        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info, entry.get("sha256"))
     else:
         urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]
-        lengths, info = _lengths_from_info(urls) if urls else (None, {})
-        shard_set = ShardSet(urls, lengths, num_samples or (sum(lengths) if lengths else None), info)
+        lengths, digests, info = _lengths_from_info(urls) if urls else (None, None, {})
+        shard_set = ShardSet(urls, lengths, num_samples or (sum(lengths) if lengths else None), info, digests)
     if not shard_set.urls:
         raise DataError(f"no shards in {source!r} for split {split!r}")
     missing = [u for u in shard_set.urls if (p := _local_path(u)) is not None and not os.path.isfile(p)]

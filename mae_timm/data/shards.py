@@ -3,8 +3,13 @@
 Each shard is written to a temp file beside it (``.<name>.<pid>.part``) and renamed when complete
 (``mae_timm.engine.runtime.atomic_write``), so a shard with its final name is whole.
 The assignment of samples to shards is fixed by (samples, seed, shard sizes) before anything is written; a
-rerun keeps every shard that already holds exactly its planned keys and writes the rest. Tar headers carry a
-fixed mtime, so the same input gives byte-identical shards (and the same sha256 in ``_info.json``).
+rerun keeps every shard that already holds exactly its planned keys and still has the sha256 that ``_info.json``
+records, and writes the rest (a damaged shard is rewritten). Tar headers carry a fixed mtime, so the same input
+gives byte-identical shards (and the same sha256 in ``_info.json``). :func:`verify_shards` checks a directory.
+
+Keys never take webdataset's reserved names: a key is written as :func:`tar_key` makes it ('%' and '.' percent-
+escaped, a leading '__' as '%5F_'; ``urllib.parse.unquote`` gives the key back), so ``__background__`` is a class
+like any other.
 
 ``_info.json``::
 
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import random
+import sys
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,7 +41,17 @@ from webdataset import TarWriter
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
 from mae_timm.engine.runtime import atomic_write
 
-__all__ = ["INFO_NAME", "file_digest", "plan_shards", "read_info", "shard_keys", "write_shards", "write_source"]
+__all__ = [
+    "INFO_NAME",
+    "file_digest",
+    "plan_shards",
+    "read_info",
+    "shard_keys",
+    "tar_key",
+    "verify_shards",
+    "write_shards",
+    "write_source",
+]
 
 INFO_NAME = "_info.json"
 FORMAT_VERSION = 1
@@ -78,22 +94,35 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
     return keys
 
 
+def tar_key(key: str) -> str:
+    """The name of a sample key inside a shard: '%' and '.' percent-escaped (webdataset splits member names at
+    the first dot), a leading '__' written '%5F_' (webdataset reserves ``__name__`` for metadata); keys without
+    these are unchanged, and ``urllib.parse.unquote`` reverses it."""
+    escaped = key.replace("%", "%25").replace(".", "%2E")
+    return "%5F" + escaped[1:] if escaped.startswith("__") else escaped
+
+
 def _encode(sample: Sample) -> dict:
     """A sample as the byte fields of its tar members."""
-    record = {"__key__": sample.key, sample.ext: sample.image, "cls": str(int(sample.cls)).encode()}
+    record = {"__key__": tar_key(sample.key), sample.ext: sample.image, "cls": str(int(sample.cls)).encode()}
     if sample.meta is not None:
         record["json"] = json.dumps(sample.meta, sort_keys=True).encode()
     return record
 
 
-def _is_complete(path: Path, keys: list[str]) -> bool:
-    """Whether the shard at ``path`` exists and holds exactly ``keys``."""
+def _intact_digest(path: Path, keys: list[str], recorded: str | None) -> str | None:
+    """The sha256 of the shard at ``path`` when it exists, holds exactly ``keys`` (tar names) and has the
+    ``recorded`` digest (when one is recorded); else None: it must be written."""
     if not path.is_file():
-        return False
+        return None
+    digest = file_digest(path, "sha256")
+    if recorded is not None and digest != recorded:
+        print(f"{path}: its sha256 differs from {INFO_NAME}, rewriting it", file=sys.stderr)
+        return None
     try:
-        return shard_keys(path) == keys
+        return digest if shard_keys(path) == keys else None
     except (tarfile.TarError, OSError):
-        return False
+        return None
 
 
 def _write_shard(path: Path, samples: Iterable[Sample]) -> None:
@@ -129,11 +158,15 @@ def write_shards(
     """Write each split's samples to ``out_dir/<split>-NNNNNN.tar`` and record them in ``_info.json``.
 
     ``classes``: dicts ``{'index', 'id', 'name'}`` or plain names (index = position). Splits named in
-    ``SHUFFLED_SPLITS`` are shuffled with ``seed`` first. Shards already complete are kept; temp files
-    (``.<shard>.<pid>.part``) left by a killed run are removed. Splits in an existing ``_info.json`` that are
-    not written now are kept. ``channels`` / ``mean`` / ``std`` (the images' channels and the train split's
-    pixel statistics) are recorded when given, else kept from the existing ``_info.json``. Returns the info dict.
+    ``SHUFFLED_SPLITS`` are shuffled with ``seed`` first. Shards already complete (their keys, and the sha256 an
+    existing ``_info.json`` records) are kept; temp files (``.<shard>.<pid>.part``) left by a killed run are
+    removed. Splits in an existing ``_info.json`` that are not written now are kept. ``channels`` / ``mean`` /
+    ``std`` (the images' channels and the train split's pixel statistics) are recorded when given, else kept from
+    the existing ``_info.json``. Returns the info dict.
     """
+    if shard_size < 1 or min_shards < 0:
+        raise DataError(f"shard_size (--shard-size) is {shard_size} and min_shards (--min-shards) {min_shards}; "
+                        "they must be at least 1 and at least 0")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_parts(out_dir, splits)
@@ -142,11 +175,12 @@ def write_shards(
                 format_version=FORMAT_VERSION)
     # what the source knows of its images (JSON lists, so the returned info equals the file's)
     image = dict(channels=channels, mean=mean and list(mean), std=std and list(std))
-    info_path = out_dir / INFO_NAME
+    info_path, recorded_splits = out_dir / INFO_NAME, {}
     if info_path.is_file():
         previous = json.loads(info_path.read_text())
         if previous.get("name") == name and previous.get("classes") == classes:
-            info["splits"] = {k: v for k, v in previous.get("splits", {}).items() if k not in splits}
+            recorded_splits = previous.get("splits", {})
+            info["splits"] = {k: v for k, v in recorded_splits.items() if k not in splits}
             image = {k: previous.get(k) if v is None else v for k, v in image.items()}
     info.update({k: v for k, v in image.items() if v is not None})
     for split, samples in splits.items():
@@ -157,6 +191,10 @@ def write_shards(
         keys = samples.keys if isinstance(samples, SampleList) else [s.key for s in samples]
         if len(set(keys)) != len(keys):
             raise DataError(f"split {split!r} of {name} has duplicate sample keys")
+        if "" in keys:
+            raise DataError(f"split {split!r} of {name} has an empty sample key")
+        entry = recorded_splits.get(split, {})
+        recorded = dict(zip(entry.get("filenames", []), entry.get("sha256", [])))
         order = list(range(len(samples)))
         if split in SHUFFLED_SPLITS:
             random.Random(f"{seed}-{split}").shuffle(order)
@@ -166,10 +204,12 @@ def write_shards(
         for index, length in enumerate(lengths):
             shard_order = order[start : start + length]
             path = out_dir / f"{split}-{index:06d}.tar"
-            if not _is_complete(path, [keys[i] for i in shard_order]):
+            digest = _intact_digest(path, [tar_key(keys[i]) for i in shard_order], recorded.get(path.name))
+            if digest is None:
                 _write_shard(path, (samples[i] for i in shard_order))
+                digest = file_digest(path, "sha256")
             filenames.append(path.name)
-            digests.append(file_digest(path, "sha256"))
+            digests.append(digest)
             start += length
             bar.update(length)
         bar.close()
@@ -178,6 +218,26 @@ def write_shards(
         with atomic_write(info_path, "w") as f:
             f.write(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def verify_shards(directory: str | os.PathLike) -> tuple[int, dict[str, str]]:
+    """Check every shard that ``_info.json`` lists against the sha256 it records.
+
+    Returns (number of shards checked, {path: what is wrong} of the bad ones: missing, another sha256, or no
+    sha256 recorded).
+    """
+    checked, bad = 0, {}
+    for entry in read_info(directory).get("splits", {}).values():
+        digests = entry.get("sha256") or [None] * len(entry["filenames"])
+        for filename, recorded in zip(entry["filenames"], digests, strict=True):
+            path, checked = Path(directory) / filename, checked + 1
+            if not path.is_file():
+                bad[str(path)] = "missing"
+            elif recorded is None:
+                bad[str(path)] = f"no sha256 recorded in {INFO_NAME}"
+            elif file_digest(path, "sha256") != recorded:
+                bad[str(path)] = f"sha256 differs from {INFO_NAME} (damaged; rerun `mae-timm shards` to rewrite it)"
+    return checked, bad
 
 
 def write_source(out_dir: str | os.PathLike, data: SourceData, **kwargs) -> dict:

@@ -11,6 +11,8 @@ Layout of the official ``tiny-imagenet-200.zip``::
     tiny-imagenet-200/test/images/test_<i>.JPEG       10,000, no labels
 
 Class index = position in the sorted wnids (torchvision ``ImageFolder`` order). JPEG bytes pass through as they are.
+A file larger than ``max_member_bytes`` (64 MiB; a zip can hold a huge member in a few KB), a zip member whose
+CRC fails and a text line with too few fields stop the conversion with one line naming the file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +37,13 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 NO_MD5 = "none"  # md5 value that skips the check, also for a file named like the official one
 SPLITS = ("train", "validation", "test")
+MAX_MEMBER_BYTES = 64 << 20  # largest file read from the source (the official zip's largest, words.txt, is 2.6 MB)
+
+
+def _check_size(label: str, rel: str, size: int, limit: int) -> None:
+    if size > limit:
+        raise DataError(f"{label}: tiny-imagenet-200/{rel} is {size} bytes, more than the {limit} allowed "
+                        "(--max-member-mb raises the cap)")
 
 
 def download(url: str, directory: str | os.PathLike, md5: str | None = None, progress: bool = True) -> Path:
@@ -68,8 +78,8 @@ def download(url: str, directory: str | os.PathLike, md5: str | None = None, pro
 class _ZipTree:
     """Read files of a zip by their path relative to the dataset root inside it."""
 
-    def __init__(self, path: Path):
-        self.label = str(path)
+    def __init__(self, path: Path, max_member_bytes: int = MAX_MEMBER_BYTES):
+        self.label, self.max_member_bytes = str(path), max_member_bytes
         self.zip = zipfile.ZipFile(path)
         names = self.zip.namelist()
         roots = [n[: -len("wnids.txt")] for n in names if n.endswith("wnids.txt") and n.count("/") <= 1]
@@ -82,7 +92,12 @@ class _ZipTree:
         return rel in self.names
 
     def read(self, rel: str) -> bytes:
-        return self.zip.read(self.prefix + rel)
+        """The member's bytes; DataError for one over the size cap (checked before reading) or a damaged one."""
+        _check_size(self.label, rel, self.zip.getinfo(self.prefix + rel).file_size, self.max_member_bytes)
+        try:
+            return self.zip.read(self.prefix + rel)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a failed CRC, broken compressed data
+            raise DataError(f"{self.label}: member tiny-imagenet-200/{rel} is damaged ({e})") from None
 
     def listdir(self, rel: str) -> list[str]:
         """File names directly inside folder ``rel``."""
@@ -93,8 +108,8 @@ class _ZipTree:
 class _DirTree:
     """Read files of an extracted dataset folder by their relative path."""
 
-    def __init__(self, path: Path):
-        self.label = str(path)
+    def __init__(self, path: Path, max_member_bytes: int = MAX_MEMBER_BYTES):
+        self.label, self.max_member_bytes = str(path), max_member_bytes
         self.root = path / "tiny-imagenet-200" if (path / "tiny-imagenet-200" / "wnids.txt").is_file() else path
         if not (self.root / "wnids.txt").is_file():
             raise DataError(f"{path} lacks tiny-imagenet-200/wnids.txt; is it the extracted Tiny-ImageNet folder?")
@@ -103,6 +118,7 @@ class _DirTree:
         return (self.root / rel).is_file()
 
     def read(self, rel: str) -> bytes:
+        _check_size(self.label, rel, (self.root / rel).stat().st_size, self.max_member_bytes)
         return (self.root / rel).read_bytes()
 
     def listdir(self, rel: str) -> list[str]:
@@ -115,10 +131,26 @@ def _require(tree, rel: str) -> None:
         raise DataError(f"Tiny-ImageNet source {tree.label} lacks tiny-imagenet-200/{rel}")
 
 
-def _read_lines(tree, rel: str) -> list[list[str]]:
-    """Tab-separated fields of the non-empty lines of a text file."""
+def _read_lines(tree, rel: str, fields: int = 1, boxed: bool = False) -> list[list[str]]:
+    """Tab-separated fields of the non-empty lines of a text file; DataError naming the line when one has fewer
+    than ``fields`` fields or (``boxed``) its last four are not a box of integers."""
     _require(tree, rel)
-    return [line.split("\t") for line in tree.read(rel).decode("utf-8").splitlines() if line.strip()]
+    try:
+        text = tree.read(rel).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{tree.label}: tiny-imagenet-200/{rel} is not UTF-8 text ({e.reason})") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            lines.append(line.split("\t"))
+            if len(lines[-1]) < fields or (boxed and not all(_is_int(v) for v in lines[-1][fields - 4 : fields])):
+                raise DataError(f"{tree.label}: tiny-imagenet-200/{rel} line {number} is {line[:80]!r}; expected "
+                                f"{fields} tab-separated fields" + (", the last four integers" if boxed else ""))
+    return lines
+
+
+def _is_int(text: str) -> bool:
+    return text.strip().lstrip("-").isdigit()
 
 
 def _box(fields: Sequence[str]) -> list[int]:
@@ -153,7 +185,9 @@ def _train_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]
         if not files:
             raise DataError(f"Tiny-ImageNet source {tree.label} lacks tiny-imagenet-200/{folder}/{wnid}_0.JPEG")
         boxes_file = f"train/{wnid}/{wnid}_boxes.txt"
-        boxes = {f[0]: _box(f[1:5]) for f in _read_lines(tree, boxes_file)} if tree.exists(boxes_file) else {}
+        boxes = {}
+        if tree.exists(boxes_file):
+            boxes = {f[0]: _box(f[1:5]) for f in _read_lines(tree, boxes_file, 5, boxed=True)}
         for name in files:
             meta = dict(wnid=wnid, bbox=boxes[name]) if name in boxes else dict(wnid=wnid)
             entries.append((f"{folder}/{name}", cls, meta))
@@ -163,7 +197,7 @@ def _train_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]
 def _validation_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]:
     index = {w: i for i, w in enumerate(wnids)}
     entries = []
-    for fields in _read_lines(tree, "val/val_annotations.txt"):
+    for fields in _read_lines(tree, "val/val_annotations.txt", 6, boxed=True):
         name, wnid = fields[0], fields[1]
         if wnid not in index:
             raise DataError(f"val/val_annotations.txt labels {name} with {wnid}, which wnids.txt lacks")
@@ -195,6 +229,7 @@ def tiny_imagenet(
     md5: str | None = None,
     download_dir: str | os.PathLike = "~/.cache/mae_timm",
     progress: bool = True,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> SourceData:
     """Tiny-ImageNet from the official zip, its extracted folder, or a URL (http, https, file).
 
@@ -202,6 +237,7 @@ def tiny_imagenet(
     (``"none"``: no check), else against the official one when the file is the official
     ``tiny-imagenet-200.zip`` (by name: a local path or a URL). Splits: ``train`` (label from the class
     folder), ``validation`` (labels from ``val/val_annotations.txt``), ``test`` (unlabeled, class -1).
+    ``max_member_bytes``: files larger than this are refused (DataError naming the file) before they are read.
     """
     for split in splits:
         if split not in SPLITS:
@@ -218,9 +254,9 @@ def tiny_imagenet(
         if md5 is not None and path.is_file() and (got := file_digest(path, "md5")) != md5:
             raise DataError(f"{path} has md5 {got}, expected {md5} (--md5 {NO_MD5} skips the check)")
     if path.is_dir():
-        tree = _DirTree(path)
+        tree = _DirTree(path, max_member_bytes)
     elif zipfile.is_zipfile(path):
-        tree = _ZipTree(path)
+        tree = _ZipTree(path, max_member_bytes)
     else:
         raise DataError(f"Tiny-ImageNet source {path} is neither a zip file nor a folder")
     wnids = sorted(fields[0].strip() for fields in _read_lines(tree, "wnids.txt"))

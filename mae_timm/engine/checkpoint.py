@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
-from mae_timm.engine.runtime import atomic_write, fsync_dir
+from mae_timm.engine.runtime import NonFiniteLossError, UserError, atomic_write, fsync_dir
 from mae_timm.models.factory import create_model_from_record
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
+    "load_weights",
     "prune_checkpoints",
     "remove_partial_files",
     "restore_rng_state",
@@ -56,17 +58,40 @@ def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Pa
 
     A crash at any moment leaves either the old files or the complete new one, never a truncated ``path``.
     With ``link_last``, ``last.pt`` next to it is atomically re-pointed (hard link) at the new file.
+
+    Weights that are NaN or infinite are never saved (:class:`NonFiniteLossError`: a finite loss can still give
+    an update that overflows). A full disk or an unwritable folder raises UserError naming the file, and no
+    ``.part`` file stays behind.
     """
     path = Path(path)
+    _check_finite(state["model"], path)
     with atomic_write(path) as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch reports a failed write (full disk, size limit) as a RuntimeError
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None  # atomic_write names the file and removes the temp file
+            raise
     if link_last:
+        last = path.parent / "last.pt"
         last_tmp = path.with_name(f".last.pt.{os.getpid()}.part")
-        last_tmp.unlink(missing_ok=True)
-        os.link(path, last_tmp)
-        os.replace(last_tmp, path.parent / "last.pt")
+        try:
+            last_tmp.unlink(missing_ok=True)
+            os.link(path, last_tmp)
+            os.replace(last_tmp, last)
+        except OSError as e:
+            last_tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot link {last} to {path.name}: {e.strerror or e}") from e
         fsync_dir(path.parent)
     return path
+
+
+def _check_finite(weights: dict, path: Path) -> None:
+    """Raise NonFiniteLossError when a floating tensor of ``weights`` holds NaN or inf (one device sync)."""
+    floats = {name: t for name, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()}
+    if floats and not torch.stack([t.isfinite().all() for t in floats.values()]).all().item():
+        bad = next(name for name, t in floats.items() if not t.isfinite().all())
+        raise NonFiniteLossError(f"the weights hold NaN or inf ({bad}), {path.name} not saved")
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -140,11 +165,32 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
     """Rebuild the pretext model of a checkpoint (a registered ``model_name`` or a ``pretext`` over a timm
     ``encoder``, see :func:`mae_timm.models.factory.create_model_from_record`), strict load.
 
-    Returns ``(model in eval mode, checkpoint dict)``.
+    Returns ``(model in eval mode, checkpoint dict)``. A model name that is not registered, kwargs the model does
+    not take, or weights of another model raise UserError in one line.
     """
     ckpt = load_checkpoint(path, map_location)
-    model = create_model_from_record(ckpt)
-    model.load_state_dict(ckpt["model"], strict=True)
+    name = ckpt["model_name"]
+    if ckpt.get("pretext") is None and (not isinstance(name, str) or name not in timm.list_models()):
+        raise UserError(f"checkpoint {path} is of model {name!r}, which is not registered (import its package first)")
+    try:
+        model = create_model_from_record(ckpt)
+    except TypeError as e:  # an unexpected keyword argument
+        raise UserError(f"checkpoint {path}: {name} cannot be built with its model_kwargs ({e})") from None
+    load_weights(model, ckpt["model"], path)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model.eval(), ckpt
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, or UserError in one line saying how they differ."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
+        raise UserError(f"the weights in {path} do not fit {type(model).__name__}: tensors {', '.join(parts)}; "
+                        "is it a checkpoint of another model or other model_kwargs?")
+    model.load_state_dict(state_dict, strict=True)

@@ -12,14 +12,56 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
-from mae_timm.engine.runtime import UserError, atomic_write
+from mae_timm.engine.runtime import PRECISIONS, UserError, atomic_write
 
-__all__ = ["PretrainConfig", "add_config_arguments", "config_from_args", "load_config", "save_config"]
+__all__ = ["PretrainConfig", "add_config_arguments", "check_settings", "config_from_args", "load_config", "save_config"]
+
+
+class Allowed(NamedTuple):
+    """What a setting may be: a test of one value and its wording for the error message."""
+
+    test: Callable[[object], bool]
+    text: str
+
+
+def at_least(low: float) -> Allowed:
+    return Allowed(lambda v: v >= low, f"at least {low}")
+
+
+def above(low: float) -> Allowed:
+    return Allowed(lambda v: v > low, f"above {low}")
+
+
+def fraction(*, zero: bool = False, one: bool = False) -> Allowed:
+    """A value between 0 and 1, each end included when asked."""
+    return Allowed(lambda v: (0 <= v if zero else 0 < v) and (v <= 1 if one else v < 1),
+                   f"in {'[' if zero else '('}0, 1{']' if one else ')'}")
+
+
+def one_of(*choices) -> Allowed:
+    return Allowed(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+# timm VisionTransformer's poolings ('' : none)
+GLOBAL_POOLS = one_of("", "avg", "avgmax", "max", "token", "map", "prr")
+
+
+def check_settings(config, rules: dict[str, Allowed], options: dict[str, str] | None = None) -> None:
+    """Raise UserError naming the first setting of ``config`` outside its rule (None passes: optional settings;
+    each item of a tuple is checked). Settings dataclasses call this once, when they are built. ``options``: the
+    command-line option of a field where it is not ``--field-name``."""
+    for name, allowed in rules.items():
+        value = getattr(config, name)
+        if value is not None and not all(allowed.test(v) for v in (value if isinstance(value, tuple) else (value,))):
+            option = (options or {}).get(name, _option_name(name))
+            raise UserError(f"setting {name} ({option}) is {value!r}; it must be {allowed.text}")
 
 
 @dataclass
@@ -42,7 +84,7 @@ class PretrainConfig:
     split: str = "train"  # split of the shard directory to pretrain on
     synthetic: bool = False  # random images derived from (seed, rank, step) instead of shards: smoke tests, timing
     synthetic_samples: int = 4096  # images per synthetic epoch
-    img_size: int | None = None  # None: the model's input size (pretrained_cfg input_size)
+    img_size: int | None = None  # None: the model's input size; else the model is built at it (a multiple of its patch)
     crop_scale_min: float = 0.2  # MAE: RandomResizedCrop(scale=(0.2, 1.0)), done on the device
     hflip: bool = True  # MAE: random horizontal flip
     num_workers: int = 4  # data loader processes per rank
@@ -79,6 +121,19 @@ class PretrainConfig:
     viz_every_epochs: int = 10  # reconstruction grid + loss curve every N epochs (0: off); needs matplotlib
     tensorboard: bool = True  # write TensorBoard events to out/tb when tensorboard is installed
     progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self):
+        check_settings(self, _PRETRAIN_RULES)
+
+
+_PRETRAIN_RULES = dict(
+    mask_ratio=fraction(zero=True), synthetic_samples=at_least(1), img_size=at_least(1),
+    crop_scale_min=fraction(one=True), num_workers=at_least(0), batch_size=at_least(1), accum_steps=at_least(1),
+    epochs=at_least(1), warmup_epochs=at_least(0), max_steps=at_least(0), blr=above(0), lr=above(0),
+    min_lr=at_least(0), weight_decay=at_least(0), betas=fraction(zero=True), clip_grad=above(0),
+    precision=one_of(*PRECISIONS), save_every_steps=at_least(0), save_every_epochs=at_least(0),
+    keep_last=at_least(0), viz_every_epochs=at_least(0),
+)
 
 
 def _option_name(name: str) -> str:
@@ -141,7 +196,13 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:  # a syntax error, or a tag (!!python/...) that safe_load refuses
+            problem = getattr(e, "problem", None) or type(e).__name__
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"config file {path} is not plain YAML: {problem}{where}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {path} must hold a mapping of setting: value")
         values.update(loaded)
@@ -201,6 +262,10 @@ class EvalData:
     num_workers: int = 4  # loader worker processes
     device: str | None = None  # None / auto: cuda when available, else cpu
 
+    def __post_init__(self):
+        check_settings(self, dict(batch_size=at_least(1), num_workers=at_least(0)),
+                       options=dict(batch_size="--eval-batch-size"))
+
 
 @dataclass
 class KnnConfig:
@@ -209,6 +274,9 @@ class KnnConfig:
     k: int = 20  # neighbours that vote
     temperature: float = 0.07  # a neighbour's vote is exp(cosine similarity / temperature)
     global_pool: str | None = None  # None: the encoder's own pooling (cls token for MAE)
+
+    def __post_init__(self):  # k and temperature: knn_evaluate checks them
+        check_settings(self, dict(global_pool=GLOBAL_POOLS))
 
 
 @dataclass
@@ -223,6 +291,10 @@ class LinprobeConfig:
     warmup_epochs: int = 10  # linear warmup, then cosine to 0; must be below epochs (runtime.check_warmup)
     global_pool: str | None = None  # None: the encoder's own pooling (cls token for MAE, as in the paper)
     seed: int = 0  # head init and batch order
+
+    def __post_init__(self):  # epochs and warmup: the one warmup rule, when the probe starts
+        check_settings(self, dict(batch_size=at_least(2), blr=above(0), momentum=fraction(zero=True),
+                                  weight_decay=at_least(0), global_pool=GLOBAL_POOLS))
 
 
 @dataclass
@@ -246,3 +318,17 @@ class FinetuneConfig:
     clip_grad: float | None = None  # max gradient norm; None: no clipping
     seed: int = 0  # head init, shuffling, crops, mixup draws
     save_dir: str | None = None  # write the fine-tuned classifier here (timm local-dir folder last/, with metrics)
+
+    def __post_init__(self):  # epochs and warmup: the one warmup rule, when fine-tuning starts
+        check_settings(self, _FINETUNE_RULES)
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size < 2:
+            raise UserError(f"setting batch_size (--batch-size) is {self.batch_size}; mixup and cutmix pair "
+                            "samples, so it must be at least 2 (or set --mixup 0 --cutmix 0)")
+
+
+_FINETUNE_RULES = dict(
+    batch_size=at_least(1), blr=above(0), min_lr=at_least(0), weight_decay=at_least(0),
+    layer_decay=fraction(one=True), drop_path_rate=fraction(zero=True), label_smoothing=fraction(zero=True),
+    mixup=at_least(0), cutmix=at_least(0), global_pool=GLOBAL_POOLS, crop_scale_min=fraction(one=True),
+    clip_grad=above(0),
+)

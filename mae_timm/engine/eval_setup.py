@@ -18,7 +18,14 @@ from timm.scheduler import CosineLRScheduler
 
 import mae_timm
 from mae_timm.data import GpuAugment
-from mae_timm.engine.runtime import UserError, autocast, autocast_dtype, check_warmup, seed_everything
+from mae_timm.engine.runtime import (
+    NonFiniteLossError,
+    UserError,
+    autocast,
+    autocast_dtype,
+    check_warmup,
+    seed_everything,
+)
 
 __all__ = [
     "cosine_schedule",
@@ -151,7 +158,13 @@ def cosine_schedule(
 def optimizer_step(
     optimizer: torch.optim.Optimizer, loss: torch.Tensor, module: nn.Module, clip_grad: float | None = None
 ) -> None:
-    """One update of ``module``'s parameters from ``loss``, the gradient norm clipped to ``clip_grad`` when set."""
+    """One update of ``module``'s parameters from ``loss``, the gradient norm clipped to ``clip_grad`` when set.
+
+    Raises NonFiniteLossError before touching the parameters when ``loss`` is NaN or infinite (one device sync).
+    """
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLossError(f"the training loss is {loss.item()}; stopped before updating "
+                                 "(try a lower --blr, --clip-grad, or a larger --batch-size)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad is not None:

@@ -75,7 +75,8 @@ def create_loaders(model: nn.Module, data: EvalData, train_batch_size: int | Non
 def evaluate_model(protocol: str, model: nn.Module, data: EvalData, cfg, *, log=print) -> dict:
     """Run ``protocol`` ('knn', 'linprobe', 'finetune') on a pretext model's encoder with loaders over ``data``.
 
-    Returns the protocol's metrics (``top1``, ``top5`` in percent, ...) plus the device and the seconds taken.
+    Returns the protocol's metrics (``top1``, ``top5`` in percent, ...) plus the device, the seconds taken and
+    ``data_errors``: per split the bad input the loaders skipped (``ShardLoader.errors``).
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -97,7 +98,8 @@ def evaluate_model(protocol: str, model: nn.Module, data: EvalData, cfg, *, log=
         metrics = linprobe_evaluate(model, train_loader, val_loader, num_classes, cfg, device)
     else:
         metrics = knn_evaluate(model, train_loader, val_loader, num_classes, cfg, device)
-    return dict(metrics, device=str(device), seconds=round(time.perf_counter() - start, 1))
+    errors = {data.train_split: train_loader.errors, data.val_split: val_loader.errors}
+    return dict(metrics, device=str(device), seconds=round(time.perf_counter() - start, 1), data_errors=errors)
 
 
 def write_result(result: dict, path: str | Path) -> Path:
@@ -115,6 +117,7 @@ def evaluate_checkpoint(
     (default: the checkpoint's folder, i.e. the run folder). Returns the result with its ``path``."""
     from mae_timm.engine.checkpoint import load_model
 
+    resolve_device(data.device)  # a device that is not there stops before the checkpoint and data are read
     model, ckpt = load_model(checkpoint, map_location="cpu")
     metrics = evaluate_model(protocol, model, data, cfg)
     result = dict(
@@ -129,4 +132,8 @@ def evaluate_checkpoint(
     out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     path = write_result(result, out_dir / f"{protocol}.json")
     print(f"{protocol}: top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  -> {path}")
+    skipped = {split: sum(counts.values()) for split, counts in result["data_errors"].items()}
+    if any(skipped.values()):
+        print(f"{protocol}: skipped bad input (see data_errors in {path.name}): "
+              + ", ".join(f"{split} {n}" for split, n in skipped.items()))
     return dict(result, path=str(path))

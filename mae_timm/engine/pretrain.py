@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import signal
 from dataclasses import dataclass
@@ -35,11 +36,12 @@ from torch.nn.parallel import DistributedDataParallel
 from mae_timm import __version__
 from mae_timm.data import DataError, GpuAugment, create_loader, read_info
 from mae_timm.data.synthetic import SyntheticImages
-from mae_timm.engine.checkpoint import capture_rng_state, restore_rng_state
+from mae_timm.engine.checkpoint import capture_rng_state, load_weights, restore_rng_state
 from mae_timm.engine.config import PretrainConfig
 from mae_timm.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
 from mae_timm.engine.eval_setup import input_channels
 from mae_timm.engine.resume import agree_on_resume, check_resumable
+from mae_timm.engine.run_lock import RunLock, lock_on_main
 from mae_timm.engine.run_output import RunOutput
 from mae_timm.engine.runtime import (
     NonFiniteLossError,
@@ -73,21 +75,30 @@ class PretrainResult:
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) pretraining as configured; joins the torchrun process group when there is one."""
     info = init_distributed(cfg.device)
+    lock = RunLock(cfg.out)  # one run writes a run folder at a time
     try:
-        return _pretrain(cfg, info)
+        return _pretrain(cfg, info, lock)
     finally:
+        lock.release()
         cleanup_distributed()
 
 
-def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
+def _pretrain(cfg: PretrainConfig, info: DistInfo, lock: RunLock) -> PretrainResult:
     check_warmup(cfg.warmup_epochs, cfg.epochs)
     compile_mode = resolve_compile(cfg.compile, info.device)
     run_dir = Path(cfg.out)
     resumed = agree_on_resume(cfg.resume, run_dir, info.is_main)  # a used --out stops the run here, before any work
+    lock_on_main(lock, info.is_main)  # a folder another run writes stops it here: nothing was written yet
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
+    # --img-size builds the model at that size (the encoder's, for a named timm ViT), so the loader and model agree
+    sized = dict(img_size=cfg.img_size) if cfg.img_size else {}
     model, record = build_model(
-        model_record(cfg.model, cfg.model_kwargs, cfg.pretext, cfg.encoder, cfg.encoder_kwargs), cfg.norm_pix_loss
+        model_record(
+            cfg.model, dict(cfg.model_kwargs, **({} if cfg.pretext else sized)), cfg.pretext, cfg.encoder,
+            dict(cfg.encoder_kwargs, **(sized if cfg.pretext else {})),
+        ),
+        cfg.norm_pix_loss,
     )
     model.to(info.device).train()
     img_size = cfg.img_size or int(model.patch_embed.img_size[-1])  # the size the model was built for
@@ -102,7 +113,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     step, last_checkpoint = 0, None
     if resumed is not None:
         last_checkpoint, ckpt = resumed
-        check_resumable(ckpt, last_checkpoint, record["model_name"], updates_per_epoch)
+        check_resumable(ckpt, last_checkpoint, record["model_name"], updates_per_epoch, world_size=info.world_size,
+                        batch_size=cfg.batch_size, accum_steps=cfg.accum_steps)
         step = trainer.load_state_dict(ckpt)
 
     output = None
@@ -234,7 +246,7 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict) -> int:
         """Restore a checkpoint (checked by ``resume.check_resumable``); returns its step."""
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one line, not 75
         # this run's AdamW kernel (fused on CUDA) wins over the one the checkpoint was written with
         kernel = [{key: group[key] for key in ("foreach", "fused")} for group in self.optimizer.param_groups]
         saved = ckpt["optimizer"]
@@ -296,9 +308,16 @@ def build_model(record: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:
         if not model_entrypoint(name).__module__.startswith("mae_timm."):  # at once: building a ViT-H takes a minute
             raise UserError(not_pretext)
     record = dict(record, model_kwargs=dict(record["model_kwargs"]))
-    model = create_model_from_record(record)
+    try:
+        model = create_model_from_record(record)
+    except TypeError as e:  # a keyword argument the model does not take
+        kwargs = json.dumps(record["model_kwargs"])
+        raise UserError(f"{name} cannot be built with --model-kwargs {kwargs}: {e}") from None
     if not is_pretext_model(model):
         raise UserError(not_pretext)
+    img_size, patch_size = tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
+    if any(i % p for i, p in zip(img_size, patch_size)):
+        raise UserError(f"img_size {img_size[0]} is not a multiple of the patch size {patch_size[0]} of {name}")
     if model.predicts_pixels:
         # the flag only selects the loss target, so setting it after construction equals passing it as a kwarg
         model.norm_pix_loss = record["model_kwargs"]["norm_pix_loss"] = norm_pix_loss

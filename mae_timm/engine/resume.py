@@ -63,11 +63,21 @@ def agree_on_resume(resume: str | None, run_dir: Path, is_main: bool) -> tuple[P
     return path, load_checkpoint(path)
 
 
-def check_resumable(ckpt: dict, path: Path, model_name: str, updates_per_epoch: int) -> None:
-    """A checkpoint continues this run only with the same model and the same data layout (its step counts
-    updates of ``updates_per_epoch`` per epoch)."""
+def check_resumable(ckpt: dict, path: Path, model_name: str, updates_per_epoch: int, *, world_size: int = 1,
+                    batch_size: int | None = None, accum_steps: int | None = None) -> None:
+    """A checkpoint continues this run only with the same model and the same data layout: its step counts updates
+    of ``updates_per_epoch`` per epoch, made by ``world_size`` processes of ``batch_size`` x ``accum_steps``
+    images (checked where the checkpoint records them)."""
     if ckpt["model_name"] != model_name:
         raise UserError(f"checkpoint {path} is of {ckpt['model_name']}, not --model {model_name}")
+    saved = dict(ckpt.get("config") or {}, world_size=ckpt.get("world_size"))
+    ours = dict(world_size=world_size, batch_size=batch_size, accum_steps=accum_steps)
+    differ = [f"{k} {saved[k]} (now {v})" for k, v in ours.items() if v is not None and saved.get(k) not in (None, v)]
+    if differ:
+        raise UserError(
+            f"checkpoint {path} was made with {', '.join(differ)}: resume with the same batch size, accum steps and "
+            "process count (the global batch and data order depend on them), or start a new --out"
+        )
     if ckpt["data_position"]["updates_per_epoch"] != updates_per_epoch:
         raise UserError(
             f"checkpoint {path} has {ckpt['data_position']['updates_per_epoch']} updates per epoch, this run "
