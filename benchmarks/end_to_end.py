@@ -103,12 +103,13 @@ def arm_input(arm: str, bench: EndToEndBench, device: torch.device):
         yield
         return
 
-    def create(cfg: PretrainConfig, rank: int, img_size: int, *, split: str, train: bool, batch_size: int):
+    def create(cfg: PretrainConfig, rank: int, img_size: int, in_chans: int, *, split: str, train: bool,
+               batch_size: int):
         if arm == "synthetic":
-            source = SyntheticImages(cfg.synthetic_samples, batch_size, img_size, cfg.seed, rank)
+            source = SyntheticImages(cfg.synthetic_samples, batch_size, img_size, cfg.seed, rank, in_chans)
             return ResidentBatches(source, device, bench.resident_batches)
-        return create_loader(cfg.data, split, batch_size, train=train, img_size=img_size, num_workers=cfg.num_workers,
-                             seed=cfg.seed, decode="device", decode_device=device)
+        return create_loader(cfg.data, split, batch_size, train=train, img_size=img_size, in_chans=in_chans,
+                             num_workers=cfg.num_workers, seed=cfg.seed, decode="device", decode_device=device)
 
     with mock.patch.object(pretrain_module, "_create_loader", create):  # pretrain builds its loader there
         yield
