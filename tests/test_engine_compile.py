@@ -125,8 +125,10 @@ def test_update_statistics_are_read_one_update_late(tmp_path, monkeypatch):
     item = torch.Tensor.item
 
     def no_item_in_mae_timm(self):  # torch.optim's CPU step counters may; mae_timm's loop must not wait on a value
-        caller = sys._getframe(1).f_code.co_filename
-        assert Path(pretrain_module.__file__).parents[1] not in Path(caller).parents, f".item() in {caller}"
+        caller = Path(sys._getframe(1).f_code.co_filename)
+        # saving a checkpoint copies the weights to the host, a wait anyway: its finiteness check may read a value
+        if caller.name != "checkpoint.py":
+            assert Path(pretrain_module.__file__).parents[1] not in caller.parents, f".item() in {caller}"
         return item(self)
 
     def build_and_record(*args):
