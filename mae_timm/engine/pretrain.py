@@ -19,18 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn as nn
-from timm.models import model_entrypoint
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 from mae_timm import __version__
@@ -40,6 +35,7 @@ from mae_timm.engine.checkpoint import capture_rng_state, load_weights, restore_
 from mae_timm.engine.config import PretrainConfig
 from mae_timm.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
 from mae_timm.engine.eval_setup import input_channels
+from mae_timm.engine.model_setup import build_model, create_optimizer_and_schedule
 from mae_timm.engine.resume import agree_on_resume, check_resumable
 from mae_timm.engine.run_lock import RunLock, lock_on_main
 from mae_timm.engine.run_output import RunOutput
@@ -53,8 +49,7 @@ from mae_timm.engine.runtime import (
     seed_everything,
 )
 from mae_timm.engine.step import PendingStats, StatsReader, compile_model, resolve_compile
-from mae_timm.models.base import is_pretext_model
-from mae_timm.models.factory import create_model_from_record, model_record
+from mae_timm.models.factory import model_record
 
 __all__ = ["NonFiniteLossError", "PretrainResult", "Trainer", "build_model", "build_trainer", "pretrain", "train",
            "update_batches"]
@@ -290,40 +285,6 @@ def build_trainer(cfg: PretrainConfig, info: DistInfo, model: nn.Module, record:
     )
 
 
-def build_model(record: dict, norm_pix_loss: bool) -> tuple[nn.Module, dict]:
-    """A :func:`~mae_timm.models.factory.model_record` -> (pretext model, the record that rebuilds it).
-
-    Pixel models (``predicts_pixels``) get ``norm_pix_loss``, recorded in the record's ``model_kwargs`` (what the
-    checkpoint holds); other pretext models have no such switch. Non-pretext models are refused.
-    """
-    name = record["model_name"]
-    registered = ", ".join(timm.list_models(["mae_*", "apl_*"]))
-    not_pretext = (
-        f"{name} is not a pretext model; pretext models: {registered}, or any timm ViT with "
-        f"--pretext mae|early_mask --encoder {name}"
-    )
-    if record["pretext"] is None:
-        if name not in timm.list_models():
-            raise UserError(f"unknown model {name!r}; pretext models: {registered}")
-        if not model_entrypoint(name).__module__.startswith("mae_timm."):  # at once: building a ViT-H takes a minute
-            raise UserError(not_pretext)
-    record = dict(record, model_kwargs=dict(record["model_kwargs"]))
-    try:
-        model = create_model_from_record(record)
-    except TypeError as e:  # a keyword argument the model does not take
-        kwargs = json.dumps(record["model_kwargs"])
-        raise UserError(f"{name} cannot be built with --model-kwargs {kwargs}: {e}") from None
-    if not is_pretext_model(model):
-        raise UserError(not_pretext)
-    img_size, patch_size = tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
-    if any(i % p for i, p in zip(img_size, patch_size)):
-        raise UserError(f"img_size {img_size[0]} is not a multiple of the patch size {patch_size[0]} of {name}")
-    if model.predicts_pixels:
-        # the flag only selects the loss target, so setting it after construction equals passing it as a kwarg
-        model.norm_pix_loss = record["model_kwargs"]["norm_pix_loss"] = norm_pix_loss
-    return model, record
-
-
 def _create_loader(cfg: PretrainConfig, rank: int, img_size: int, in_chans: int, *, split: str, train: bool,
                    batch_size: int):
     """The loader of the data settings (``data`` / ``synthetic``): uint8 batches with the model's channels,
@@ -360,23 +321,6 @@ def _updates_per_epoch(loader_len: int, accum_steps: int) -> int:
             "lower --batch-size or --accum-steps"
         )
     return loader_len // accum_steps
-
-
-def create_optimizer_and_schedule(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                                  min_lr: float, epochs: int, warmup_epochs: int, updates_per_epoch: int,
-                                  fused: bool = False):
-    """AdamW (timm: no decay on 1-d params and ``model.no_weight_decay()``) and the per-update warmup + cosine.
-
-    ``fused``: torch's fused AdamW kernel (CUDA); otherwise torch's default implementation.
-    """
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas),
-                                    **(dict(fused=True) if fused else {}))
-    # MAE: the cosine spans the epochs after warmup, so the warmup is a prefix of the `epochs` total
-    scheduler, _ = create_scheduler_v2(
-        optimizer, "cosine", num_epochs=epochs - warmup_epochs, warmup_epochs=warmup_epochs, warmup_prefix=True,
-        warmup_lr=0.0, min_lr=min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-    )
-    return optimizer, scheduler
 
 
 def update_batches(loader, start: int, total: int, updates_per_epoch: int, accum_steps: int, seed: int, rank: int):
