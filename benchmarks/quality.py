@@ -40,8 +40,15 @@ from mae_timm.data.sources import FASHION_MNIST_ROOT
 from mae_timm.demo import FASHION_MNIST_MEAN, FASHION_MNIST_STD, save_accuracy_curve
 from mae_timm.engine.checkpoint import list_checkpoints, load_model
 from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args, load_config
-from mae_timm.engine.evaluate import EvalData, FinetuneConfig, KnnConfig, LinprobeConfig, evaluate_frozen
-from mae_timm.engine.evaluate import evaluate_model, scratch_model
+from mae_timm.engine.evaluate import (
+    EvalData,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    evaluate_frozen,
+    evaluate_model,
+    scratch_model,
+)
 from mae_timm.engine.pretrain import pretrain
 
 ARMS = ("raw_pixels", "scratch", "mae_late", "mae_early", "apl")

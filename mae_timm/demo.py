@@ -13,13 +13,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from mae_timm.data import GpuAugment, create_loader, fashion_mnist, write_source
 from mae_timm.engine.checkpoint import list_checkpoints, load_model
 from mae_timm.engine.config import PretrainConfig
-from mae_timm.engine.evaluate import EvalData, FinetuneConfig, KnnConfig, evaluate_frozen, evaluate_model
-from mae_timm.engine.evaluate import scratch_model, write_result
+from mae_timm.engine.evaluate import (
+    EvalData,
+    FinetuneConfig,
+    KnnConfig,
+    evaluate_frozen,
+    evaluate_model,
+    scratch_model,
+    write_result,
+)
 from mae_timm.engine.pretrain import pretrain
 from mae_timm.engine.runtime import atomic_write
 from mae_timm.viz import save_loss_curve, save_reconstruction_grid

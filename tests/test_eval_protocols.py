@@ -12,7 +12,6 @@ import torch
 from fakes import make_shards
 
 import mae_timm
-
 import mae_timm.engine.finetune as finetune
 import mae_timm.engine.knn as knn
 import mae_timm.engine.linprobe as linprobe

@@ -30,8 +30,14 @@ import torch.nn as nn
 from mae_timm.data import create_loader
 from mae_timm.engine.baselines import RawPixels, scratch_model
 from mae_timm.engine.config import EvalData, FinetuneConfig, KnnConfig, LinprobeConfig
-from mae_timm.engine.eval_setup import encoder_features, extract_features, frozen_features, input_size, normalizer
-from mae_timm.engine.eval_setup import topk_accuracy
+from mae_timm.engine.eval_setup import (
+    encoder_features,
+    extract_features,
+    frozen_features,
+    input_size,
+    normalizer,
+    topk_accuracy,
+)
 from mae_timm.engine.finetune import finetune_evaluate
 from mae_timm.engine.knn import knn_evaluate, knn_on_features, knn_scores
 from mae_timm.engine.linprobe import linprobe_evaluate, linprobe_on_features

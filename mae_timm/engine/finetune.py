@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 from timm.data import Mixup
-from timm.data.random_erasing import RandomErasing
 from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
