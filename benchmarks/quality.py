@@ -74,7 +74,8 @@ class QualityConfig:
     blr: float = 1.5e-3  # lr = blr * batch / 256
     mask_ratio: float = 0.75
     crop_scale_min: float = 0.5  # small centred images: milder RandomResizedCrop than ImageNet's 0.2
-    warmup_fraction: float = 0.05  # of the pretraining updates
+    warmup_fraction: float = 0.05  # of the pretraining epochs, rounded (0 below 10 epochs)
+    # pretrain_steps: a whole number of epochs (234 updates of 256 on 60,000 images) completes the cosine schedule
     eval_points: int = 4  # checkpoints of each pretraining run evaluated by kNN + linear probe
     global_pool: str = "avg"  # frozen features of every arm: 'avg' (patch tokens) or 'token'
     feature_blocks: int = 1  # concatenate the last N blocks' pooled tokens
@@ -115,11 +116,12 @@ def pretrain_config(cfg: QualityConfig, arm: str, shard_dir: Path, train_size: i
     recipe = dict(
         model=model, model_kwargs=kwargs, img_size=cfg.encoder["img_size"], batch_size=cfg.batch_size, blr=cfg.blr,
         mask_ratio=cfg.mask_ratio, crop_scale_min=cfg.crop_scale_min, epochs=epochs,
-        warmup_epochs=min(max(1, round(cfg.warmup_fraction * epochs)), epochs - 1), max_steps=cfg.pretrain_steps,
+        warmup_epochs=min(round(cfg.warmup_fraction * epochs), epochs - 1), max_steps=cfg.pretrain_steps,
     )  # fmt: skip
     run = dict(data=str(shard_dir), device=cfg.device, num_workers=cfg.num_workers, seed=cfg.seed, resume="auto",
                out=str(Path(cfg.out) / arm), save_every_steps=max(cfg.pretrain_steps // max(cfg.eval_points, 1), 1),
-               keep_last=max(cfg.eval_points, 1), viz_every_epochs=0, tensorboard=False)  # fmt: skip
+               save_every_epochs=10**6, keep_last=max(cfg.eval_points, 1),  # only the step checkpoints (and the last)
+               viz_every_epochs=0, tensorboard=False)  # fmt: skip
     if arm in cfg.arm_configs:
         return load_config(PretrainConfig, cfg.arm_configs[arm], run)
     return PretrainConfig(**recipe, **run)

@@ -81,6 +81,7 @@ def _pretrain_config(cfg: DemoConfig, run_dir: Path, shard_dir: Path) -> Pretrai
         seed=cfg.seed,
         out=str(run_dir),
         save_every_steps=max(cfg.steps // max(cfg.knn_points, 1), 1),
+        save_every_epochs=10**6,  # only the step checkpoints (and the last)
         keep_last=max(cfg.knn_points, 1),
         viz_every_epochs=0,  # the demo draws its figures once, at the end
         tensorboard=False,

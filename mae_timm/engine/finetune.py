@@ -79,7 +79,9 @@ class _RandAugment:
 
     def __init__(self, config: str, img_size: int, mean: tuple[float, ...], prob: float):
         fill = tuple(round(255 * m) for m in mean)
-        self.transform = rand_augment_transform(config, dict(translate_const=int(img_size * 0.45), img_mean=fill))
+        # magnitude_max just below 10: at 10, timm's increasing posterize keeps 0 bits, which Pillow refuses
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=fill, magnitude_max=9.99)
+        self.transform = rand_augment_transform(config, hparams)
         self.prob = prob
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
