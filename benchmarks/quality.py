@@ -1,148 +1,269 @@
-"""Learning benchmark: late mask, early mask and APL on Fashion-MNIST against random init.
+"""Learning quality on Fashion-MNIST: does pretraining beat raw pixels and training from scratch?
 
-Pretrains ViT-Tiny with each pretext task, then runs kNN, linear probe and fine-tuning of each encoder against the
-same architecture at random init.
+Arms, all on the same split, through the same protocols (``mae_timm.engine.evaluate``), in one run:
 
-Every arm gets the same budget (``--pretrain-steps`` updates of ``--batch-size`` images) and the same evaluation:
-kNN (k=20, cosine, T=0.07), linear probe (BatchNorm + linear on frozen features, SGD) and fine-tuning (AdamW,
-layer decay, mixup/cutmix, label smoothing, drop path), all from ``mae_timm.engine.evaluate`` on the 10,000-image
-test split. Fashion-MNIST's 28 px images are upsampled to ``--img-size`` 32 so 4-px patches make an 8 x 8 grid.
+- ``raw_pixels``: the normalised input pixels as features (kNN, linear probe; no fine-tune);
+- ``scratch``: the ``mae_late`` architecture at random init: kNN / linear probe of the random encoder, and a fine-tune
+  with the same recipe and budget as the pretrained arms;
+- ``mae_late``, ``mae_early``, ``apl``: pretrained for ``--pretrain-steps`` updates (the same encoder and, for the
+  two MAE arms, the same decoder), then kNN and linear probe at ``--eval-points`` checkpoints of the run (accuracy
+  vs pretraining updates) and a fine-tune of the last one.
 
-    python -m benchmarks.quality                                     # full Fashion-MNIST (Debian package)
-    python -m benchmarks.quality --root mae_timm/assets --limit 512 --pretrain-steps 4 --linprobe-epochs 2 \\
-        --finetune-epochs 1 --batch-size 64 --model-kwargs '{"embed_dim": 32, "depth": 1, "num_heads": 2}'  # smoke
+kNN: k=20 (also 10, 200), cosine, votes exp(sim / 0.07); linear probe: BatchNorm(affine=False) + linear, LARS;
+features: the average of the last block's patch tokens for every arm (``--global-pool``, ``--feature-blocks``).
 
-Results go to ``<out>/quality.{json,md}``; ``--results-dir benchmarks/results`` also writes them there (commit
-only numbers from a run you made, with its header).
+    python -m benchmarks.quality --out runs/quality --results-dir benchmarks/results           # full 60k / 10k
+    python -m benchmarks.quality --limit 512 --pretrain-steps 4 --linprobe-epochs 2 --finetune-epochs 1 \\
+        --model-kwargs '{"embed_dim": 32, "depth": 1, "num_heads": 2}' --root mae_timm/assets   # smoke
+
+Each arm writes ``<out>/<arm>/arm.json`` when it is done; a later run with the same ``--out`` skips finished arms,
+so arms can run as separate processes (``--arms mae_late``) and one last call (``--arms ''``) writes the report:
+``<out>/quality_<device>.{json,md}`` and ``accuracy_vs_updates.png`` (``--results-dir`` also copies them there).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 
 from benchmarks.common import describe_run, markdown_table, write_results
 from mae_timm.data import fashion_mnist, write_source
 from mae_timm.data.sources import FASHION_MNIST_ROOT
-from mae_timm.engine.checkpoint import load_model
-from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args
-from mae_timm.engine.evaluate import EvalData, FinetuneConfig, KnnConfig, LinprobeConfig, evaluate_model
+from mae_timm.demo import FASHION_MNIST_MEAN, FASHION_MNIST_STD, save_accuracy_curve
+from mae_timm.engine.checkpoint import list_checkpoints, load_model
+from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args, load_config
+from mae_timm.engine.evaluate import (
+    EvalData,
+    FinetuneConfig,
+    KnnConfig,
+    LinprobeConfig,
+    evaluate_frozen,
+    evaluate_model,
+    scratch_model,
+)
 from mae_timm.engine.pretrain import pretrain
 
-PROTOCOL_NAMES = {"knn": "kNN top-1", "linprobe": "linear probe top-1", "finetune": "fine-tune top-1"}
+ARMS = ("raw_pixels", "scratch", "mae_late", "mae_early", "apl")
+PRETRAINED = {"mae_late": "mae_vit_tiny_patch8_64", "mae_early": "mae_vit_tiny_early_mask", "apl": "apl_vit_tiny_64"}
 
 
 @dataclass
 class QualityConfig:
     root: str = FASHION_MNIST_ROOT  # Fashion-MNIST IDX gz files; mae_timm/assets holds a 5,000 + 1,000 sample
     limit: int | None = None  # first N images of each split (None: all 60,000 + 10,000)
-    out: str = "runs/quality"  # shards, one run folder per arm, quality.{json,md}
-    results_dir: str | None = None  # also write quality.{json,md} here (e.g. benchmarks/results)
-    arms: str = "mae_late,mae_early,apl,random"  # comma-separated subset of ARMS
-    img_size: int = 32  # 28 px upsampled; 4-px patches -> 8 x 8 tokens
-    model_kwargs: dict = field(default_factory=dict)  # applied to every arm (a smoke run shrinks the model)
-    pretrain_steps: int = 3000  # updates per pretrained arm (the fixed budget)
+    out: str = "runs/quality"  # shards, one folder per arm, the report
+    results_dir: str | None = None  # also copy the report here (e.g. benchmarks/results)
+    arms: str = ",".join(ARMS)  # comma-separated subset of ARMS ('' : only write the report)
+    # the encoder of every arm (28 px in 4-px patches: 7 x 7 tokens) and the MAE decoder (one narrow block);
+    # in_chans 3: the loader repeats gray to RGB (1 needs a loader that decodes grayscale)
+    encoder: dict = field(default_factory=lambda: dict(img_size=28, patch_size=4, embed_dim=128, depth=4, num_heads=4,
+                                                       in_chans=3))
+    decoder: dict = field(default_factory=lambda: dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4))
+    model_kwargs: dict = field(default_factory=dict)  # applied last to every arm (a smoke run shrinks the model)
+    arm_configs: dict = field(default_factory=dict)  # arm -> PretrainConfig YAML replacing the recipe below
+    pretrain_steps: int = 2000  # updates per pretrained arm (the fixed budget)
     batch_size: int = 256  # pretraining images per update
-    blr: float = 1.5e-4  # MAE base lr; lr = blr * batch / 256
-    warmup_epochs: int = 1
-    linprobe_epochs: int = 50
-    finetune_epochs: int = 15
+    blr: float = 1.5e-3  # lr = blr * batch / 256
+    mask_ratio: float = 0.75
+    crop_scale_min: float = 0.5  # small centred images: milder RandomResizedCrop than ImageNet's 0.2
+    warmup_fraction: float = 0.05  # of the pretraining epochs, rounded (0 below 10 epochs)
+    # pretrain_steps: a whole number of epochs (234 updates of 256 on 60,000 images) completes the cosine schedule
+    eval_points: int = 4  # checkpoints of each pretraining run evaluated by kNN + linear probe
+    global_pool: str = "avg"  # frozen features of every arm: 'avg' (patch tokens) or 'token'
+    feature_blocks: int = 1  # concatenate the last N blocks' pooled tokens
+    linprobe_epochs: int = 30
+    finetune_epochs: int = 2
     finetune_batch_size: int = 128
-    finetune_crop_scale_min: float = 0.5  # small images: milder RandomResizedCrop than ImageNet's 0.08
-    num_workers: int = 4
+    num_workers: int = 2
     device: str = "auto"  # auto: cuda when available
     seed: int = 0
 
 
-def arms(cfg: QualityConfig) -> dict[str, tuple[str, dict]]:
-    """Arm name -> (timm model, kwargs): ViT-Tiny encoders (192 d, 12 blocks) on an 8 x 8 grid of patches."""
-    patch = cfg.img_size // 8
-    table = {
-        "mae_late": ("mae_vit_tiny_patch8_64", dict(img_size=cfg.img_size, patch_size=patch)),
-        "mae_early": ("mae_vit_tiny_early_mask", dict(img_size=cfg.img_size, patch_size=patch)),
-        "apl": ("apl_vit_tiny_64", dict(img_size=cfg.img_size, grid_size=8, crop=1)),
-        "random": ("mae_vit_tiny_patch8_64", dict(img_size=cfg.img_size, patch_size=patch)),  # never pretrained
-    }
-    chosen = {}
-    for name in cfg.arms.split(","):
-        if name not in table:
-            raise ValueError(f"unknown arm {name!r}; choose from {', '.join(table)}")
-        model, kwargs = table[name]
-        if model not in timm.list_models():
-            print(f"skipping arm {name}: {model} is not registered")
-            continue
-        chosen[name] = (model, dict(kwargs, **cfg.model_kwargs))
-    return chosen
+def _protocols(cfg: QualityConfig) -> dict:
+    pool = dict(global_pool=cfg.global_pool, feature_blocks=cfg.feature_blocks)
+    return dict(
+        knn=KnnConfig(**pool),
+        linprobe=LinprobeConfig(epochs=cfg.linprobe_epochs, warmup_epochs=min(3, cfg.linprobe_epochs - 1), **pool),
+        finetune=FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size,
+                                warmup_epochs=min(5, cfg.finetune_epochs - 1), seed=cfg.seed),
+    )  # fmt: skip
 
 
-def pretrained_model(cfg: QualityConfig, arm: str, model_name: str, kwargs: dict, shard_dir: Path, train_size: int):
-    """Pretrain one arm for the fixed budget; returns (model, minutes)."""
-    epochs = -(-cfg.pretrain_steps // (train_size // cfg.batch_size))
-    run = PretrainConfig(
-        model=model_name, model_kwargs=kwargs, data=str(shard_dir), img_size=cfg.img_size, batch_size=cfg.batch_size,
-        epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs - 1), max_steps=cfg.pretrain_steps, blr=cfg.blr,
-        device=cfg.device, num_workers=cfg.num_workers, seed=cfg.seed, out=str(Path(cfg.out) / arm), resume="auto",
-        save_every_steps=0, keep_last=1, viz_every_epochs=0, tensorboard=False,
-    )
+def arm_model(cfg: QualityConfig, arm: str) -> tuple[str, dict]:
+    """(timm model name, kwargs) of an arm; ``scratch`` and ``raw_pixels`` use the late-mask architecture."""
+    name = PRETRAINED.get(arm, PRETRAINED["mae_late"])
+    stats = dict(pretrained_cfg_overlay=dict(mean=[FASHION_MNIST_MEAN] * 3, std=[FASHION_MNIST_STD] * 3))
+    if name.startswith("apl"):
+        encoder = {k: v for k, v in cfg.encoder.items() if k != "patch_size"}
+        kwargs = dict(encoder, grid_size=cfg.encoder["img_size"] // cfg.encoder["patch_size"], crop=1)
+    else:
+        kwargs = dict(cfg.encoder, **cfg.decoder)
+    return name, dict(kwargs, **stats, **cfg.model_kwargs)
+
+
+def pretrain_config(cfg: QualityConfig, arm: str, shard_dir: Path, train_size: int) -> PretrainConfig:
+    """The arm's pretraining run: ``arm_configs[arm]`` (YAML) if given, else the recipe in ``QualityConfig``."""
+    model, kwargs = arm_model(cfg, arm)
+    epochs = -(-cfg.pretrain_steps // max(train_size // cfg.batch_size, 1))
+    recipe = dict(
+        model=model, model_kwargs=kwargs, img_size=cfg.encoder["img_size"], batch_size=cfg.batch_size, blr=cfg.blr,
+        mask_ratio=cfg.mask_ratio, crop_scale_min=cfg.crop_scale_min, epochs=epochs,
+        warmup_epochs=min(round(cfg.warmup_fraction * epochs), epochs - 1), max_steps=cfg.pretrain_steps,
+    )  # fmt: skip
+    run = dict(data=str(shard_dir), device=cfg.device, num_workers=cfg.num_workers, seed=cfg.seed, resume="auto",
+               out=str(Path(cfg.out) / arm), save_every_steps=max(cfg.pretrain_steps // max(cfg.eval_points, 1), 1),
+               save_every_epochs=10**6, keep_last=max(cfg.eval_points, 1),  # only the step checkpoints (and the last)
+               viz_every_epochs=0, tensorboard=False)  # fmt: skip
+    if arm in cfg.arm_configs:
+        return load_config(PretrainConfig, cfg.arm_configs[arm], run)
+    return PretrainConfig(**recipe, **run)
+
+
+def _frozen(model, data: EvalData, protocols: dict, raw_pixels: bool = False) -> dict:
+    """{'knn': metrics, 'linprobe': metrics} of one feature pass."""
+    return evaluate_frozen(model, data, protocols["knn"], protocols["linprobe"], raw_pixels=raw_pixels)
+
+
+def run_arm(cfg: QualityConfig, arm: str, shard_dir: Path, train_size: int, data: EvalData) -> dict:
+    """Pretrain (if the arm does), evaluate, fine-tune (if the arm does); the arm's record with wall times."""
+    protocols = _protocols(cfg)
+    record = dict(arm=arm, load_average_start=os.getloadavg(), minutes={})
     start = time.perf_counter()
-    result = pretrain(run)
-    model, _ = load_model(result.checkpoint)
-    return model, (time.perf_counter() - start) / 60
+    model_name, kwargs = arm_model(cfg, arm)
+    model = scratch_model(model_name, kwargs, cfg.seed)
+    if arm in PRETRAINED:
+        run = pretrain_config(cfg, arm, shard_dir, train_size)
+        result = pretrain(run)
+        record["minutes"]["pretrain"] = (time.perf_counter() - start) / 60
+        record.update(pretrain=asdict(run), pretrain_updates=result.step, pretrain_loss=result.loss)
+        start = time.perf_counter()
+        record["curve"] = []
+        for path in list_checkpoints(Path(run.out)):  # oldest first; the last is the end of the run
+            model, ckpt = load_model(path)
+            metrics = _frozen(model, data, protocols)
+            record["curve"].append(dict(updates=ckpt["step"], knn_top1=metrics["knn"]["top1"],
+                                        linprobe_top1=metrics["linprobe"]["top1"]))
+            print(f"{arm} at {ckpt['step']} updates: {record['curve'][-1]}")
+        record.update(metrics)
+    else:
+        record.update(model=model_name, model_kwargs=kwargs, **_frozen(model, data, protocols, arm == "raw_pixels"))
+    record["minutes"]["evaluate"] = (time.perf_counter() - start) / 60
+    if arm != "raw_pixels":
+        start = time.perf_counter()
+        metrics = evaluate_model("finetune", model, data, protocols["finetune"])
+        record["finetune"] = metrics
+        record["minutes"]["finetune"] = (time.perf_counter() - start) / 60
+    record["load_average_end"] = os.getloadavg()
+    return record
+
+
+def _top1(record: dict, protocol: str) -> float | None:
+    return round(record[protocol]["top1"], 2) if protocol in record else None
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """Which arm wins each protocol, and the issue's targets: MAE vs raw pixels, MAE fine-tune vs scratch."""
+    lines = []
+    by_arm = {row["arm"]: row for row in rows}
+    for metric, label in (("knn_top1", "kNN"), ("linprobe_top1", "linear probe"), ("finetune_top1", "fine-tune")):
+        scored = [(row[metric], row["arm"]) for row in rows if row[metric] is not None]
+        if scored:
+            best, arm = max(scored)
+            lines.append(f"{label}: {arm} wins ({best:.2f} %).")
+    pixels, scratch = by_arm.get("raw_pixels"), by_arm.get("scratch")
+    for arm in PRETRAINED:
+        row = by_arm.get(arm)
+        if row is None:
+            continue
+        if pixels:
+            for metric, label in (("knn_top1", "kNN"), ("linprobe_top1", "linear probe")):
+                delta = row[metric] - pixels[metric]
+                lines.append(f"{arm} vs raw pixels, {label}: {delta:+.2f} points "
+                             f"({'met' if delta > 0 else 'NOT met'}: target > raw pixels).")
+        if scratch and row["finetune_top1"] is not None and scratch["finetune_top1"] is not None:
+            delta = row["finetune_top1"] - scratch["finetune_top1"]
+            lines.append(f"{arm} vs scratch, fine-tune: {delta:+.2f} points "
+                         f"({'met' if delta >= 2 else 'NOT met'}: target >= +2).")
+    return lines
+
+
+def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
+    """Collect the finished arms into ``quality_<device>.{json,md}`` and the accuracy-vs-updates figure."""
+    records = {arm: json.loads((Path(cfg.out) / arm / "arm.json").read_text()) for arm in ARMS
+               if (Path(cfg.out) / arm / "arm.json").is_file()}  # fmt: skip
+    rows = [dict(arm=arm, knn_top1=_top1(r, "knn"), linprobe_top1=_top1(r, "linprobe"),
+                 finetune_top1=_top1(r, "finetune"), pretrain_updates=r.get("pretrain_updates"),
+                 pretrain_minutes=round(r["minutes"]["pretrain"], 2) if "pretrain" in r["minutes"] else None)
+            for arm, r in records.items()]  # fmt: skip
+    lines = verdict(rows)
+    fmt = lambda v: "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = markdown_table(["arm", "kNN top-1", "linear probe top-1", "fine-tune top-1", "pretrain updates",
+                            "pretrain min (wall)", "wall min per arm"],
+                           [[fmt(row[k]) for k in row] + [f"{sum(records[row['arm']]['minutes'].values()):.1f}"]
+                            for row in rows])  # fmt: skip
+    protocols = {name: asdict(p) for name, p in _protocols(cfg).items()}
+    curves = {arm: r["curve"] for arm, r in records.items() if r.get("curve")}
+    figure = None
+    if curves:
+        points = {f"{arm} {label}": [(p["updates"], p[key]) for p in curve] for arm, curve in curves.items()
+                  for key, label in (("knn_top1", "kNN"), ("linprobe_top1", "probe"))}  # fmt: skip
+        baselines = {f"raw pixels {label}": records["raw_pixels"][key]["top1"] for key, label in
+                     (("knn", "kNN"), ("linprobe", "probe")) if "raw_pixels" in records}  # fmt: skip
+        figure = save_accuracy_curve(points, Path(cfg.out) / "accuracy_vs_updates.png",
+                                     "Fashion-MNIST: top-1 vs pretraining updates", baselines)
+    loads = {arm: [r["load_average_start"][0], r["load_average_end"][0]] for arm, r in records.items()}
+    note = (f"Fashion-MNIST from {cfg.root}, split {split_sizes} (train = memory bank / probe and fine-tune "
+            f"training set, validation = the 10,000 test images; nothing is selected on it). Features of every arm: "
+            f"global_pool={cfg.global_pool!r}, last {cfg.feature_blocks} block(s). kNN k=20 (top1_by_k in the JSON), "
+            f"cosine, T=0.07; linear probe {cfg.linprobe_epochs} epochs LARS; fine-tune {cfg.finetune_epochs} epochs "
+            f"of batch {cfg.finetune_batch_size}, the same recipe for scratch and pretrained. scratch's kNN / probe: "
+            f"the random-init encoder. 1-min load average at the start / end of each arm: {loads}.")
+    payload = dict(rows=rows, verdict=lines, split=split_sizes, protocols=protocols, config=asdict(cfg),
+                   wall_minutes={arm: r["minutes"] for arm, r in records.items()}, curves=curves, arms=records)
+    run = describe_run(device)
+    markdown = "\n".join([table, "", *[f"- {line}" for line in lines], "", note])
+    stem = f"quality_{device.type}"
+    for out_dir in filter(None, (cfg.out, cfg.results_dir)):
+        write_results(Path(out_dir), stem, run, payload, markdown)
+        if figure is not None and Path(out_dir) != figure.parent:
+            shutil.copy(figure, Path(out_dir) / f"{stem}_accuracy_vs_updates.png")
+    print(markdown)
+    return payload
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, QualityConfig)
     cfg = config_from_args(QualityConfig, parser.parse_args(argv))
+    arms = [a for a in cfg.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+                          "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
     shard_dir = Path(cfg.out) / "shards"
     source = fashion_mnist(cfg.root, limit=cfg.limit)
-    write_source(shard_dir, source, min_shards=2 * max(cfg.num_workers, 1))
-    train_size = len(source.splits["train"])
-    data = EvalData(data=str(shard_dir), num_workers=cfg.num_workers, device=str(device))
-    protocols = {
-        "knn": KnnConfig(),
-        "linprobe": LinprobeConfig(epochs=cfg.linprobe_epochs, warmup_epochs=min(10, cfg.linprobe_epochs // 5)),
-        "finetune": FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size,
-                                   warmup_epochs=min(5, cfg.finetune_epochs // 5),
-                                   crop_scale_min=cfg.finetune_crop_scale_min),
-    }
-
-    results = {}
-    for arm, (model_name, kwargs) in arms(cfg).items():
-        if arm == "random":
-            torch.manual_seed(cfg.seed)
-            model, minutes = timm.create_model(model_name, **kwargs), 0.0
-        else:
-            model, minutes = pretrained_model(cfg, arm, model_name, kwargs, shard_dir, train_size)
-        results[arm] = dict(model=model_name, model_kwargs=kwargs, pretrain_minutes=round(minutes, 2))
-        for protocol, protocol_cfg in protocols.items():
-            metrics = evaluate_model(protocol, model, data, protocol_cfg)
-            results[arm][protocol] = {k: v for k, v in metrics.items() if k != "history"}
-            print(f"{arm}: {protocol} top-1 {metrics['top1']:.2f} %")
-
-    rows = [
-        [arm, r["model"], 0 if arm == "random" else cfg.pretrain_steps, f"{r['pretrain_minutes']:.1f}"]
-        + [f"{r[p]['top1']:.2f}" for p in protocols]
-        for arm, r in results.items()
-    ]
-    table = markdown_table(["arm", "model", "pretrain steps", "pretrain min"] + list(PROTOCOL_NAMES.values()), rows)
     split_sizes = {split: len(samples) for split, samples in source.splits.items()}
-    note = (f"Fashion-MNIST from {cfg.root} ({split_sizes}), {cfg.img_size} px; pretraining batch {cfg.batch_size}, "
-            f"blr {cfg.blr}; linear probe {cfg.linprobe_epochs} epochs, fine-tune {cfg.finetune_epochs} epochs; "
-            f"model overrides {cfg.model_kwargs or 'none'}. Top-1 in % on the validation (t10k) split.")
-    print(table)
-    run = describe_run(device)
-    payload = dict(config=asdict(cfg), results=results)
-    for out_dir in filter(None, (cfg.out, cfg.results_dir)):
-        write_results(Path(out_dir), "quality", run, payload, f"{table}\n\n{note}")
+    if not (shard_dir / "_info.json").is_file():
+        write_source(shard_dir, source, min_shards=2 * max(cfg.num_workers, 1))
+    data = EvalData(data=str(shard_dir), num_workers=cfg.num_workers, device=str(device))
+    for arm in arms:
+        path = Path(cfg.out) / arm / "arm.json"
+        if path.is_file():
+            print(f"{arm}: done before ({path})")
+            continue
+        record = run_arm(cfg, arm, shard_dir, split_sizes["train"], data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    report(cfg, device, split_sizes)
     return 0
 
 

@@ -181,24 +181,39 @@ def test_demo_with_reduced_steps(tmp_path, capsys):
     tiny = dict(img_size=28, patch_size=7, embed_dim=24, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                 decoder_num_heads=2)
     out = tmp_path / "demo"
-    args = ["demo", "--steps", "3", "--out", str(out), "--num-workers", "1", "--model-kwargs", json.dumps(tiny)]
+    args = ["demo", "--steps", "4", "--knn-points", "2", "--finetune-epochs", "1", "--out", str(out),
+            "--num-workers", "1", "--model-kwargs", json.dumps(tiny)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for name in ("knn.json", "knn_random_init.json", "reconstruction.png", "loss.png", "metrics.jsonl"):
+    for name in ("summary.json", "reconstruction.png", "loss.png", "accuracy.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
         assert name in printed or name == "metrics.jsonl"
-    assert json.loads((out / "knn.json").read_text())["step"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"knn_top1", "finetune_top1", "finetune_updates", "pretrain_updates", "minutes"}
+    assert set(summary["knn_top1"]) == {"pretrained", "random_init", "raw_pixels"}
+    assert set(summary["finetune_top1"]) == {"pretrained", "scratch"}
+    assert summary["pretrain_updates"] == 4 and summary["finetune_updates"] == 5000 // 128
+    assert all(0 <= v <= 100 for group in ("knn_top1", "finetune_top1") for v in summary[group].values())
+    assert "wins" in printed and "raw pixels" in printed  # the verdict, in words
 
 
 @pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     from benchmarks import quality
 
-    args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--arms", "mae_early,random",
-            "--pretrain-steps", "2", "--batch-size", "64", "--linprobe-epochs", "1", "--finetune-epochs", "1",
-            "--num-workers", "1", "--model-kwargs", json.dumps(dict(embed_dim=16, depth=1, num_heads=2))]
+    args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--arms", "raw_pixels,scratch,mae_early",
+            "--pretrain-steps", "2", "--eval-points", "2", "--batch-size", "64", "--linprobe-epochs", "2",
+            "--finetune-epochs", "1", "--finetune-batch-size", "64", "--num-workers", "1",
+            "--model-kwargs", json.dumps(dict(embed_dim=16, depth=1, num_heads=2))]  # fmt: skip
     assert quality.main(args) == 0
-    results = json.loads((tmp_path / "quality.json").read_text())["results"]
-    assert set(results) == {"mae_early", "random"}
-    assert all(0 <= results[arm][p]["top1"] <= 100 for arm in results for p in ("knn", "linprobe", "finetune"))
-    assert "fine-tune top-1" in (tmp_path / "quality.md").read_text()
+    result = json.loads((tmp_path / "quality_cpu.json").read_text())
+    rows = {row["arm"]: row for row in result["rows"]}
+    assert set(rows) == {"raw_pixels", "scratch", "mae_early"}
+    assert set(rows["mae_early"]) == {"arm", "knn_top1", "linprobe_top1", "finetune_top1", "pretrain_updates",
+                                      "pretrain_minutes"}  # fmt: skip
+    assert rows["raw_pixels"]["finetune_top1"] is None and rows["scratch"]["pretrain_updates"] is None
+    assert rows["mae_early"]["pretrain_updates"] == 2 and len(result["curves"]["mae_early"]) == 2
+    assert all(0 <= row[k] <= 100 for row in rows.values() for k in ("knn_top1", "linprobe_top1") if row[k])
+    assert {"split", "protocols", "run", "wall_minutes", "verdict"} <= set(result)
+    assert "wins" in (tmp_path / "quality_cpu.md").read_text()
+    assert (tmp_path / "accuracy_vs_updates.png").is_file()

@@ -1,5 +1,6 @@
-"""Evaluation protocols on CPU: the shared pieces (accuracy, features, the warmup rule, errors), kNN, the linear
-probe and fine-tuning (layer decay, mixup, drop path, crops on the device)."""
+"""Evaluation protocols on CPU: the shared pieces (accuracy, features and pooling, the warmup rule, errors), kNN,
+the linear probe (BatchNorm without affine, LARS), the baselines (raw pixels, scratch) and fine-tuning (layer decay,
+mixup, drop path, crops on the device, the short-budget rule, a non-finite loss)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import timm
 import torch
 from fakes import make_shards
 
+import mae_timm
 import mae_timm.engine.finetune as finetune
 import mae_timm.engine.knn as knn
-from mae_timm.data import GpuAugment
+import mae_timm.engine.linprobe as linprobe
+from mae_timm.data import GpuAugment, read_idx
+from mae_timm.demo import ASSETS
+from mae_timm.engine.eval_setup import encoder_features
 from mae_timm.engine.evaluate import (
     EvalData,
     FinetuneConfig,
     KnnConfig,
     LinprobeConfig,
+    evaluate_frozen,
     evaluate_model,
     finetune_evaluate,
     knn_evaluate,
@@ -28,6 +34,7 @@ from mae_timm.engine.evaluate import (
 from mae_timm.engine.runtime import UserError
 
 CREATE_OPTIMIZER = finetune.create_optimizer_v2  # the real one, for tests that wrap it
+LINPROBE_OPTIMIZER = linprobe.create_optimizer_v2
 PRETEXT_TEST_MODELS = [
     name for name in ("mae_vit_test", "mae_vit_test_early_mask", "apl_vit_test") if name in timm.list_models()
 ]
@@ -84,7 +91,8 @@ def test_knn_and_linprobe_separate_clear_classes(name, separable):
     model = timm.create_model(name)
     result = knn_evaluate(model, train, val, 4, KnnConfig(), "cpu")
     assert result["top1"] >= 90.0 and result["top5"] == 100.0 and result["num_val"] == 20
-    probe = linprobe_evaluate(model, train, val, 4, LinprobeConfig(epochs=30, batch_size=16, warmup_epochs=2), "cpu")
+    cfg = LinprobeConfig(epochs=30, batch_size=16, blr=100.0, warmup_epochs=2)  # LARS at the official lr 6.25
+    probe = linprobe_evaluate(model, train, val, 4, cfg, "cpu")
     assert probe["top1"] >= 90.0, probe
 
 
@@ -118,11 +126,13 @@ def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable, monk
 
     monkeypatch.setattr(finetune, "create_optimizer_v2", create_optimizer)
     monkeypatch.setattr(finetune, "SoftTargetCrossEntropy", SoftTarget)
-    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, drop_path_rate=0.2, mixup=0.8)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, drop_path_rate=0.2, mixup=0.8,
+                         full_recipe_updates=2)  # two updates get the full recipe
     logs = []
     result = finetune_evaluate(model, train[:2], val, 4, cfg, "cpu", log=logs.append)
     assert 0.0 <= result["top1"] <= 100.0 and math.isfinite(result["train_loss"])
-    assert len(result["history"]) == 1 and "epoch 1/1" in logs[0] and "best_top1" not in result
+    assert len(result["history"]) == 1 and logs[0]["epoch"] == 1 and "best_top1" not in result
+    assert result["recipe_strength"] == 1.0 and result["updates"] == 2
     classifier = seen["classifier"]
     assert len({group["lr_scale"] for group in seen["optimizer"].param_groups}) > 1  # layer decay
     assert classifier.blocks[-1].drop_path1.drop_prob == pytest.approx(cfg.drop_path_rate)
@@ -167,15 +177,16 @@ def test_finetune_crops_and_flips_training_batches_on_the_device(separable, monk
         return crop_and_flip(self, x, generator)
 
     monkeypatch.setattr(GpuAugment, "crop_and_flip", recorded)
-    cfg = FinetuneConfig(epochs=2, batch_size=16, warmup_epochs=0, mixup=0.0, cutmix=0.0, crop_scale_min=0.5)
+    cfg = FinetuneConfig(epochs=2, batch_size=16, warmup_epochs=0, mixup=0.0, cutmix=0.0, crop_scale_min=0.5,
+                         full_recipe_updates=8)  # 4 updates: half the recipe, crops of (1 - 0.5 * 0.5, 1)
     finetune_evaluate(timm.create_model("mae_vit_test"), train[:2], val[:1], 4, cfg, "cpu", log=lambda _: None)
-    assert crops == [(torch.Size([16, 3, 32, 32]), (0.5, 1.0), 32)] * 4  # 2 epochs x 2 training batches
+    assert crops == [(torch.Size([16, 3, 32, 32]), (0.75, 1.0), 32)] * 4  # 2 epochs x 2 training batches
 
 
 def test_finetune_is_reproducible_under_its_seed(separable):
-    """Crops, flips, mixup draws, drop path and the head init all follow ``cfg.seed``."""
+    """RandAugment, crops, flips, erasing, mixup draws, drop path and the head init all follow ``cfg.seed``."""
     train, val = separable
-    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, seed=3)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, seed=3, full_recipe_updates=1)
     losses = []
     for global_seed in (1, 2):
         torch.manual_seed(0)  # the same pretext model
@@ -227,8 +238,9 @@ def test_warmup_not_below_the_epochs_is_an_error(warmup_epochs, separable):
     match = f"warmup of {warmup_epochs} epochs must be at least 0 and below the 2 epochs"
     with pytest.raises(UserError, match=match):
         linprobe_evaluate(model, train, val, 4, LinprobeConfig(epochs=2, warmup_epochs=warmup_epochs), "cpu")
-    with pytest.raises(UserError, match=match):
-        finetune_evaluate(model, train, val, 4, FinetuneConfig(epochs=2, warmup_epochs=warmup_epochs), "cpu")
+    if warmup_epochs < 0:  # the fine-tune caps its warmup at a part of the run: only a negative one is wrong
+        with pytest.raises(UserError, match="warmup_epochs must be >= 0"):
+            finetune_evaluate(model, train, val, 4, FinetuneConfig(epochs=2, warmup_epochs=warmup_epochs), "cpu")
 
 
 def test_warmup_of_all_but_one_epoch_trains(separable):
@@ -236,3 +248,101 @@ def test_warmup_of_all_but_one_epoch_trains(separable):
     cfg = LinprobeConfig(epochs=2, batch_size=16, warmup_epochs=1)
     result = linprobe_evaluate(timm.create_model("mae_vit_test"), train, val, 4, cfg, "cpu")
     assert math.isfinite(result["train_loss"])
+
+
+def test_linear_probe_is_batchnorm_without_affine_and_lars(separable, monkeypatch):
+    train, val = separable
+    seen = {}
+
+    def create_optimizer(groups, opt, **kwargs):
+        seen.update(opt=opt, groups=groups, kwargs=kwargs)
+        return LINPROBE_OPTIMIZER(groups, opt, **kwargs)
+
+    head = linprobe.linear_head(32, 4)
+    assert not head[0].affine and head[0].weight is None and head[1].weight.std() < 0.02
+    monkeypatch.setattr(linprobe, "create_optimizer_v2", create_optimizer)
+    cfg = LinprobeConfig(epochs=2, batch_size=16, blr=0.2, warmup_epochs=1)
+    linprobe_evaluate(timm.create_model("mae_vit_test"), train, val, 4, cfg, "cpu")
+    assert seen["opt"] == "lars" and seen["kwargs"]["weight_decay"] == 0.0
+    assert seen["kwargs"]["lr"] == pytest.approx(0.2 * 16 / 256)
+    matrices, vectors = seen["groups"]
+    assert matrices["always_adapt"] and [p.ndim for p in matrices["params"]] == [2]  # trust ratio on the weight
+    assert not vectors["always_adapt"] and [p.ndim for p in vectors["params"]] == [1]  # momentum SGD on the bias
+
+
+@pytest.mark.parametrize("name", PRETEXT_TEST_MODELS)
+def test_features_pool_the_last_blocks_the_same_way_for_every_model(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    x = torch.randn(3, 3, 32, 32)
+    encoder = mae_timm.create_timm_encoder(model, global_pool="avg", fc_norm=False).eval()
+    with torch.no_grad():
+        one = encoder_features(model, "avg", 1)(x)
+        torch.testing.assert_close(one, encoder.forward_head(encoder.forward_features(x), pre_logits=True))
+        two = encoder_features(model, "avg", 2)(x)
+    assert two.shape == (3, 2 * one.shape[1]) and torch.equal(two[:, one.shape[1]:], one)  # the last block last
+    if getattr(encoder, "cls_token", None) is None:
+        with pytest.raises(UserError, match="no class token"):
+            encoder_features(model, "token", 1)
+    with pytest.raises(UserError, match="feature_blocks must be in 1..2"):
+        encoder_features(model, "avg", 3)
+
+
+def test_knn_reports_top1_at_several_k():
+    bank = torch.randn(300, 8)
+    labels = torch.randint(0, 3, (300,))
+    result = knn.knn_on_features(bank, labels, bank[:50], labels[:50], 3, KnnConfig(report_k=(1, 20, 200)), "cpu")
+    assert set(result["top1_by_k"]) == {"1", "20", "200"} and result["top1_by_k"]["1"] == 100.0  # its own copy
+    assert result["top1_by_k"]["20"] == result["top1"]
+
+
+def test_raw_pixel_baseline_runs_through_the_same_protocols(shards):
+    model = timm.create_model("mae_vit_test")
+    data = EvalData(data=str(shards), num_workers=0)
+    cfgs = dict(knn=KnnConfig(), linprobe=LinprobeConfig(epochs=5, batch_size=8, blr=200.0, warmup_epochs=1))
+    pixels = evaluate_frozen(model, data, **cfgs, raw_pixels=True)
+    encoder = evaluate_frozen(model, data, **cfgs)
+    for protocol in ("knn", "linprobe"):
+        assert pixels[protocol]["feature_dim"] == 3 * 32 * 32 and pixels[protocol]["features"] == "raw_pixels"
+        assert encoder[protocol]["feature_dim"] == 32 and pixels[protocol]["num_val"] == 8
+    assert pixels["knn"]["top1"] >= 75.0  # colour classes: pixels separate them
+
+
+def _fashion_mnist_sample(num_train: int, num_val: int, batch_size: int) -> tuple[list, list]:
+    """Batches of the bundled Fashion-MNIST sample at 28 px, repeated to 3 channels."""
+    def batches(split, n):
+        imgs = torch.from_numpy(read_idx(ASSETS / f"{split}-images-idx3-ubyte.gz")[:n].copy())
+        labels = torch.from_numpy(read_idx(ASSETS / f"{split}-labels-idx1-ubyte.gz")[:n].astype("int64"))
+        return _batches(imgs[:, None].expand(-1, 3, -1, -1).contiguous(), labels, batch_size)
+    return batches("train", num_train), batches("t10k", num_val)
+
+
+TINY_VIT = dict(img_size=28, patch_size=7, embed_dim=48, depth=2, num_heads=3)
+
+
+@pytest.mark.slow
+def test_short_finetune_of_a_random_init_beats_chance_and_plain_adamw():
+    """The default recipe, on a run too short for mixup & co (40 updates): a random init beats chance by far and is
+    not worse than plain AdamW (constant lr, no augmentation or regularisation) of the same budget."""
+    train, val = _fashion_mnist_sample(1280, 500, 64)
+    plain = FinetuneConfig(epochs=2, batch_size=64, warmup_epochs=0, min_lr=1e-3 * 64 / 256, layer_decay=1.0,
+                           drop_path_rate=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, rand_augment=None,
+                           reprob=0.0, crop_scale_min=1.0, full_recipe_updates=1)  # fmt: skip
+    results = {}
+    for name, cfg in (("recipe", FinetuneConfig(epochs=2, batch_size=64)), ("plain", plain)):
+        torch.manual_seed(0)  # the same random init for both
+        model = timm.create_model("mae_vit_test", **TINY_VIT)
+        results[name] = finetune_evaluate(model, train, val, 10, cfg, "cpu", log=lambda _: None)["top1"]
+    assert results["recipe"] > 25.0, results  # chance is 10 %
+    assert results["recipe"] >= results["plain"] - 1.0, results  # one point: seed noise of 500 test images
+
+
+def test_non_finite_loss_stops_the_finetune(separable):
+    train, val = separable
+    torch.manual_seed(0)
+    model = timm.create_model("mae_vit_test")
+    with torch.no_grad():
+        model.patch_embed.proj.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match="loss is nan") as error:
+        finetune_evaluate(model, train, val, 4, FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0), "cpu")
+    assert "\n" not in str(error.value)

@@ -5,10 +5,13 @@ One protocol per file, one shared setup:
 - :mod:`mae_timm.engine.knn`: weighted kNN on frozen features;
 - :mod:`mae_timm.engine.linprobe`: BatchNorm + linear head on frozen features;
 - :mod:`mae_timm.engine.finetune`: the whole encoder + a new head;
+- :mod:`mae_timm.engine.baselines`: raw pixels (kNN, linear probe) and scratch (fine-tune), the same protocols;
 - :mod:`mae_timm.engine.eval_setup`: the encoder from the pretext-model contract, normalisation and device-side
   augmentation, feature extraction, accuracy, and the opening, schedule and step of the protocols that train;
 - this module: the entry points. :func:`evaluate_model` resolves the device, builds the loaders over labelled
-  shards and runs a protocol; :func:`evaluate_checkpoint` does so for a checkpoint and writes ``<protocol>.json``.
+  shards and runs a protocol; :func:`evaluate_frozen` runs kNN and the linear probe on one feature pass, of the
+  encoder or of raw pixels; :func:`evaluate_checkpoint` evaluates a checkpoint, writes ``<protocol>.json`` and
+  appends its per-epoch records to the run's ``eval_metrics.jsonl``.
 
 Settings are the dataclasses in :mod:`mae_timm.engine.config` (``EvalData`` and one per protocol, in
 :data:`PROTOCOLS`); they are re-exported here with the protocols' public functions.
@@ -18,17 +21,27 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch.nn as nn
 
 from mae_timm.data import create_loader
+from mae_timm.engine.baselines import RawPixels, scratch_model
 from mae_timm.engine.config import EvalData, FinetuneConfig, KnnConfig, LinprobeConfig
-from mae_timm.engine.eval_setup import extract_features, input_channels, input_size, topk_accuracy
+from mae_timm.engine.eval_setup import (
+    encoder_features,
+    extract_features,
+    frozen_features,
+    input_channels,
+    input_size,
+    normalizer,
+    topk_accuracy,
+)
 from mae_timm.engine.finetune import finetune_evaluate
-from mae_timm.engine.knn import knn_evaluate, knn_scores
-from mae_timm.engine.linprobe import linprobe_evaluate
+from mae_timm.engine.knn import knn_evaluate, knn_on_features, knn_scores
+from mae_timm.engine.linprobe import linprobe_evaluate, linprobe_on_features
 from mae_timm.engine.runtime import UserError, atomic_write, resolve_device
 
 __all__ = [
@@ -43,7 +56,12 @@ __all__ = [
     "knn_evaluate",
     "linprobe_evaluate",
     "finetune_evaluate",
+    "knn_on_features",
+    "linprobe_on_features",
+    "scratch_model",
     "evaluate_model",
+    "evaluate_frozen",
+    "JsonlLog",
     "write_result",
     "evaluate_checkpoint",
 ]
@@ -72,34 +90,103 @@ def create_loaders(model: nn.Module, data: EvalData, train_batch_size: int | Non
     return train_loader, val_loader
 
 
-def evaluate_model(protocol: str, model: nn.Module, data: EvalData, cfg, *, log=print) -> dict:
-    """Run ``protocol`` ('knn', 'linprobe', 'finetune') on a pretext model's encoder with loaders over ``data``.
-
-    Returns the protocol's metrics (``top1``, ``top5`` in percent, ...) plus the device, the seconds taken and
-    ``data_errors``: per split the bad input the loaders skipped (``ShardLoader.errors``).
-    """
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+def _check_splits(data: EvalData) -> None:
     if data.train_split == data.val_split:
         raise UserError(f"train and validation split are both {data.train_split!r}; "
                         "accuracy would be measured on the training data")  # fmt: skip
-    device = resolve_device(data.device)
-    if protocol == "finetune":
-        train_loader, val_loader = create_loaders(model, data, cfg.batch_size, cfg.seed)
-    else:
-        train_loader, val_loader = create_loaders(model, data)
-    num_classes = train_loader.num_classes
-    if not num_classes:
+
+
+def _num_classes(loader, data: EvalData) -> int:
+    if not loader.num_classes:
         raise UserError(f"{data.data} names no classes (no num_classes in its _info.json); evaluation needs labels")
+    return loader.num_classes
+
+
+def evaluate_frozen(
+    model: nn.Module,
+    data: EvalData,
+    knn: KnnConfig | None = None,
+    linprobe: LinprobeConfig | None = None,
+    *,
+    raw_pixels: bool = False,
+    log: Callable[[dict], None] | None = None,
+) -> dict:
+    """kNN and / or linear probe on one pass of feature extraction: ``{'knn': metrics, 'linprobe': metrics}``.
+
+    raw_pixels: the features are the normalised input pixels (the model gives only its input size and mean/std)
+        instead of its encoder's pooled tokens: the raw-pixel baseline through exactly the same protocols.
+    Both protocols use the same features, so their pooling settings must agree. Each metrics dict holds the
+    device, the seconds of its protocol and ``feature_seconds`` (the shared extraction).
+    """
+    _check_splits(data)
+    cfgs = {name: cfg for name, cfg in (("knn", knn), ("linprobe", linprobe)) if cfg is not None}
+    pools = {(cfg.global_pool, cfg.feature_blocks) for cfg in cfgs.values()}
+    if len(pools) > 1 and not raw_pixels:
+        raise UserError(f"kNN and linear probe share one feature pass; their pooling differs: {sorted(pools)}")
+    device = resolve_device(data.device)
+    train_loader, val_loader = create_loaders(model, data)
+    num_classes = _num_classes(train_loader, data)
     start = time.perf_counter()
-    if protocol == "finetune":
-        metrics = finetune_evaluate(model, train_loader, val_loader, num_classes, cfg, device, log=log)
-    elif protocol == "linprobe":
-        metrics = linprobe_evaluate(model, train_loader, val_loader, num_classes, cfg, device)
-    else:
-        metrics = knn_evaluate(model, train_loader, val_loader, num_classes, cfg, device)
-    errors = {data.train_split: train_loader.errors, data.val_split: val_loader.errors}
-    return dict(metrics, device=str(device), seconds=round(time.perf_counter() - start, 1), data_errors=errors)
+    global_pool, blocks = pools.pop()
+    features = RawPixels() if raw_pixels else encoder_features(model, global_pool, blocks)
+    cached = frozen_features(features, normalizer(model, device), train_loader, val_loader, device)
+    feature_seconds = round(time.perf_counter() - start, 1)
+    results = {}
+    for name, cfg in cfgs.items():
+        start = time.perf_counter()
+        if name == "knn":
+            metrics = knn_on_features(*cached, num_classes, cfg, device)
+        else:
+            metrics = linprobe_on_features(*cached, num_classes, cfg, device, log=log)
+        results[name] = dict(metrics, features="raw_pixels" if raw_pixels else "encoder", device=str(device),
+                             seconds=round(time.perf_counter() - start, 1), feature_seconds=feature_seconds,
+                             data_errors=_data_errors(data, train_loader, val_loader))
+    return results
+
+
+def evaluate_model(
+    protocol: str, model: nn.Module, data: EvalData, cfg, *, log: Callable[[dict], None] | None = None
+) -> dict:
+    """Run ``protocol`` ('knn', 'linprobe', 'finetune') on a pretext model's encoder with loaders over ``data``.
+
+    Returns the protocol's metrics (``top1``, ``top5`` in percent, ...) plus the device, the seconds taken and
+    ``data_errors``: per split the bad input the loaders skipped (``ShardLoader.errors``). ``log`` gets the
+    per-epoch records of the protocols that train.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol != "finetune":
+        result = evaluate_frozen(model, data, **{protocol: cfg}, log=log)[protocol]
+        return dict(result, seconds=round(result["seconds"] + result.pop("feature_seconds"), 1))
+    _check_splits(data)
+    device = resolve_device(data.device)
+    train_loader, val_loader = create_loaders(model, data, cfg.batch_size, cfg.seed)
+    num_classes = _num_classes(train_loader, data)
+    start = time.perf_counter()
+    kwargs = {} if log is None else dict(log=log)
+    metrics = finetune_evaluate(model, train_loader, val_loader, num_classes, cfg, device, **kwargs)
+    return dict(metrics, device=str(device), seconds=round(time.perf_counter() - start, 1),
+                data_errors=_data_errors(data, train_loader, val_loader))
+
+
+def _data_errors(data: EvalData, train_loader, val_loader) -> dict:
+    """Per split, the bad input its loader skipped and counted (undecodable images, damaged shards, ...)."""
+    return {data.train_split: train_loader.errors, data.val_split: val_loader.errors}
+
+
+class JsonlLog:
+    """Appends records to a run's JSONL file (one JSON object per line, flushed) and prints them."""
+
+    def __init__(self, path: str | Path, **fields):
+        self.path, self.fields = Path(path), fields
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: dict) -> None:
+        record = dict(self.fields, time=round(time.time(), 1), **record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                       if k not in ("time", "checkpoint")))
 
 
 def write_result(result: dict, path: str | Path) -> Path:
@@ -114,12 +201,15 @@ def evaluate_checkpoint(
     protocol: str, checkpoint: str | Path, data: EvalData, cfg, out_dir: str | Path | None = None
 ) -> dict:
     """Evaluate a checkpoint's encoder; print top-1/top-5 and write ``<protocol>.json`` to ``out_dir``
-    (default: the checkpoint's folder, i.e. the run folder). Returns the result with its ``path``."""
+    (default: the checkpoint's folder, i.e. the run folder), and its records (per epoch, final) to
+    ``out_dir/eval_metrics.jsonl``. Returns the result with its ``path``."""
     from mae_timm.engine.checkpoint import load_model
 
     resolve_device(data.device)  # a device that is not there stops before the checkpoint and data are read
     model, ckpt = load_model(checkpoint, map_location="cpu")
-    metrics = evaluate_model(protocol, model, data, cfg)
+    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
+    log = JsonlLog(out_dir / "eval_metrics.jsonl", checkpoint=str(checkpoint), step=ckpt["step"])
+    metrics = evaluate_model(protocol, model, data, cfg, log=log)
     result = dict(
         protocol=protocol,
         checkpoint=str(checkpoint),
@@ -129,8 +219,8 @@ def evaluate_checkpoint(
         config=asdict(cfg),
         **metrics,
     )
-    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     path = write_result(result, out_dir / f"{protocol}.json")
+    log(dict(protocol=protocol, final=True, top1=result["top1"], top5=result["top5"]))
     print(f"{protocol}: top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %  -> {path}")
     skipped = {split: sum(counts.values()) for split, counts in result["data_errors"].items()}
     if any(skipped.values()):

@@ -1,7 +1,9 @@
-"""kNN accuracy of a frozen encoder (Wu et al. 2018, as used by DINO).
+"""kNN accuracy of frozen features (Wu et al. 2018, as used by DINO).
 
-Cosine similarity of L2-normalised pooled features; the ``k`` nearest training samples vote for their class with
-weight ``exp(similarity / temperature)``. The memory bank and the queries sit on the evaluation device.
+Cosine similarity of L2-normalised features (:func:`~mae_timm.engine.eval_setup.encoder_features`, or raw pixels);
+the ``k`` nearest training samples vote for their class with weight ``exp(similarity / temperature)``. The memory
+bank and the queries sit on the evaluation device. Top-1 is also reported for every k in ``KnnConfig.report_k``
+(one neighbour search serves all of them).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae_timm.engine.config import KnnConfig
-from mae_timm.engine.eval_setup import frozen_features, topk_accuracy
+from mae_timm.engine.eval_setup import encoder_features, frozen_features, normalizer, topk_accuracy
 from mae_timm.engine.runtime import UserError
 
-__all__ = ["knn_evaluate", "knn_scores"]
+__all__ = ["knn_evaluate", "knn_on_features", "knn_scores"]
 
 
 @torch.no_grad()
@@ -26,34 +28,59 @@ def knn_scores(
     query_features: torch.Tensor,
     num_classes: int,
     *,
-    k: int = 20,
+    k: int | tuple[int, ...] = 20,
     temperature: float = 0.07,
     chunk_size: int = 1024,
-) -> torch.Tensor:
-    """Weighted kNN votes: bank (M, D) + labels (M,), queries (Q, D) -> class scores (Q, num_classes)."""
+) -> torch.Tensor | dict[int, torch.Tensor]:
+    """Weighted kNN votes: bank (M, D) + labels (M,), queries (Q, D) -> class scores (Q, num_classes).
+
+    ``k`` a tuple: ``{k: scores (Q, num_classes)}`` for each, from one search of the ``max(k)`` nearest.
+    """
+    ks = (k,) if isinstance(k, int) else tuple(k)
     bank = F.normalize(train_features.float(), dim=1)
-    k = min(k, bank.shape[0])
-    scores = []
+    nearest = min(max(ks), bank.shape[0])
+    scores = {each: [] for each in ks}
     for queries in F.normalize(query_features.float(), dim=1).split(chunk_size):
-        similarity, index = (queries @ bank.T).topk(k, dim=1)  # (q, k)
-        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
-        votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
-        scores.append(votes)
-    return torch.cat(scores)
+        similarity, index = (queries @ bank.T).topk(nearest, dim=1)  # (q, nearest), most similar first
+        weights, classes = (similarity / temperature).exp(), train_labels[index]
+        for each in ks:
+            votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+            scores[each].append(votes.scatter_add_(1, classes[:, :each], weights[:, :each]))
+    scores = {each: torch.cat(chunks) for each, chunks in scores.items()}
+    return scores[k] if isinstance(k, int) else scores
+
+
+def knn_on_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    cfg: KnnConfig,
+    device,
+) -> dict:
+    """kNN accuracy of cached features: top-1/top-5 at ``cfg.k`` and ``top1_by_k`` for ``cfg.report_k``."""
+    if cfg.k < 1 or cfg.temperature <= 0 or min(cfg.report_k) < 1:
+        raise UserError(f"kNN needs k >= 1 and temperature > 0, got k={cfg.k}, report_k={cfg.report_k}, "
+                        f"temperature={cfg.temperature}")  # fmt: skip
+    device = torch.device(device)
+    ks = tuple(sorted({cfg.k, *cfg.report_k}))
+    scores = knn_scores(
+        train_features.to(device), train_labels.to(device), val_features.to(device), num_classes,
+        k=ks, temperature=cfg.temperature,
+    )  # fmt: skip
+    by_k = {str(k): topk_accuracy(scores[k].cpu(), val_labels, ks=(1,))["top1"] for k in ks}
+    return dict(
+        topk_accuracy(scores[cfg.k].cpu(), val_labels), top1_by_k=by_k, feature_dim=train_features.shape[1],
+        num_train=len(train_labels), num_val=len(val_labels),
+    )  # fmt: skip
 
 
 def knn_evaluate(
     model: nn.Module, train_loader: Iterable, val_loader: Iterable, num_classes: int, cfg: KnnConfig, device
 ) -> dict:
     """kNN accuracy of a pretext model's encoder on ``val_loader`` with ``train_loader`` as the memory bank."""
-    if cfg.k < 1 or cfg.temperature <= 0:
-        raise UserError(f"kNN needs k >= 1 and temperature > 0, got k={cfg.k}, temperature={cfg.temperature}")
     device = torch.device(device)
-    train_features, train_labels, val_features, val_labels = frozen_features(
-        model, cfg.global_pool, train_loader, val_loader, device
-    )
-    scores = knn_scores(
-        train_features.to(device), train_labels.to(device), val_features.to(device), num_classes,
-        k=cfg.k, temperature=cfg.temperature,
-    ).cpu()  # fmt: skip
-    return dict(topk_accuracy(scores, val_labels), num_train=len(train_labels), num_val=len(val_labels))
+    features = encoder_features(model, cfg.global_pool, cfg.feature_blocks)
+    cached = frozen_features(features, normalizer(model, device), train_loader, val_loader, device)
+    return knn_on_features(*cached, num_classes, cfg, device)

@@ -1,24 +1,37 @@
-"""Linear probe of a frozen encoder (MAE paper, appendix A.2).
+"""Linear probe of frozen features (MAE paper, appendix A.2; official ``main_linprobe.py``).
 
-Features are extracted once, without augmentation, and cached on the device; a ``BatchNorm1d(affine=False)`` +
-``Linear`` head trains on them with SGD + momentum (the paper uses LARS) under a per-iteration cosine schedule
-with linear warmup.
+``BatchNorm1d(affine=False)`` + ``Linear`` (weights ~ truncated N(0, 0.01), bias 0) trained with LARS (timm's
+``create_optimizer_v2('lars')``; the trust ratio on the weight matrix, plain momentum SGD on the bias, as the
+official LARS), lr = blr x batch / 256, no weight decay, per-iteration cosine schedule after a linear warmup.
+Deviation: features are extracted once, without augmentation, and cached (the official probe sees a
+RandomResizedCrop per epoch through the frozen encoder); see docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
 
 from mae_timm.engine.config import LinprobeConfig
-from mae_timm.engine.eval_setup import cosine_schedule, frozen_features, optimizer_step, start_training, topk_accuracy
+from mae_timm.engine.eval_setup import (
+    cosine_schedule,
+    encoder_features,
+    frozen_features,
+    normalizer,
+    optimizer_step,
+    progress,
+    start_training,
+    topk_accuracy,
+    warmup_updates,
+)
 from mae_timm.engine.runtime import UserError
 
-__all__ = ["linear_head", "linprobe_evaluate"]
+__all__ = ["lars_optimizer", "linear_head", "linprobe_evaluate", "linprobe_on_features"]
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -30,26 +43,39 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-def linprobe_evaluate(
-    model: nn.Module, train_loader: Iterable, val_loader: Iterable, num_classes: int, cfg: LinprobeConfig, device
+def lars_optimizer(head: nn.Sequential, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """timm's LARS as the official MAE one: the trust ratio scales the matrices' updates (also without weight decay,
+    ``always_adapt``); vectors (the bias) get momentum SGD."""
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    groups = [dict(params=matrices, always_adapt=True), dict(params=vectors, always_adapt=False)]
+    return create_optimizer_v2(groups, "lars", lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def linprobe_on_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    cfg: LinprobeConfig,
+    device,
+    *,
+    log: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Linear-probe accuracy: frozen encoder features (extracted once), BatchNorm + linear head trained with SGD."""
+    """Linear-probe accuracy of cached features (train (M, D), val (Q, D)); the last epoch's head is reported."""
     device = start_training(cfg.epochs, cfg.warmup_epochs, cfg.seed, device)
-    train_features, train_labels, val_features, val_labels = frozen_features(
-        model, cfg.global_pool, train_loader, val_loader, device
-    )
     if min(cfg.batch_size, len(train_labels)) < 2:
         raise UserError("the linear probe's BatchNorm needs batches of >= 2 training samples")
     train_features, train_labels = train_features.to(device), train_labels.to(device)  # (M, D), (M,)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order
     head = linear_head(train_features.shape[1], num_classes).to(device)
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=cfg.blr * cfg.batch_size / 256, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    optimizer = lars_optimizer(head, cfg.blr * cfg.batch_size / 256, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_labels) / cfg.batch_size)
-    scheduler = cosine_schedule(optimizer, cfg.epochs, cfg.warmup_epochs, steps_per_epoch, 0.0)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = cosine_schedule(optimizer, total, warmup_updates(cfg.warmup_epochs, steps_per_epoch, total), 0.0)
     step = 0
-    for _ in range(cfg.epochs):
+    for epoch in progress(range(cfg.epochs), "linear probe epochs"):
         head.train()
         for batch in torch.randperm(len(train_labels), generator=generator).split(cfg.batch_size):
             if len(batch) < 2:  # BatchNorm needs two samples
@@ -59,9 +85,29 @@ def linprobe_evaluate(
             loss = F.cross_entropy(head(train_features[batch]), train_labels[batch])
             optimizer_step(optimizer, loss, head)
             step += 1
+        if log is not None:
+            log(dict(protocol="linprobe", epoch=epoch + 1, epochs=cfg.epochs, train_loss=loss.item()))
     head.eval()
     with torch.no_grad():
         scores = head(val_features.to(device)).cpu()
     return dict(
-        topk_accuracy(scores, val_labels), train_loss=loss.item(), num_train=len(train_labels), num_val=len(val_labels)
-    )
+        topk_accuracy(scores, val_labels), train_loss=loss.item(), feature_dim=train_features.shape[1],
+        num_train=len(train_labels), num_val=len(val_labels),
+    )  # fmt: skip
+
+
+def linprobe_evaluate(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    num_classes: int,
+    cfg: LinprobeConfig,
+    device,
+    *,
+    log: Callable[[dict], None] | None = None,
+) -> dict:
+    """Linear-probe accuracy of a pretext model's frozen encoder (features extracted once, cached)."""
+    device = start_training(cfg.epochs, cfg.warmup_epochs, cfg.seed, device)
+    features = encoder_features(model, cfg.global_pool, cfg.feature_blocks)
+    cached = frozen_features(features, normalizer(model, device), train_loader, val_loader, device)
+    return linprobe_on_features(*cached, num_classes, cfg, device, log=log)
