@@ -31,7 +31,7 @@ from mae_timm.engine.evaluate import (
     linprobe_evaluate,
     topk_accuracy,
 )
-from mae_timm.engine.runtime import UserError
+from mae_timm.engine.runtime import NonFiniteLossError, UserError
 
 CREATE_OPTIMIZER = finetune.create_optimizer_v2  # the real one, for tests that wrap it
 LINPROBE_OPTIMIZER = linprobe.create_optimizer_v2
@@ -343,6 +343,6 @@ def test_non_finite_loss_stops_the_finetune(separable):
     model = timm.create_model("mae_vit_test")
     with torch.no_grad():
         model.patch_embed.proj.weight.fill_(float("nan"))
-    with pytest.raises(UserError, match="loss is nan") as error:
+    with pytest.raises(NonFiniteLossError, match="loss is nan") as error:  # eval_setup.optimizer_step's stop
         finetune_evaluate(model, train, val, 4, FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0), "cpu")
     assert "\n" not in str(error.value)

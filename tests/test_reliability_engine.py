@@ -184,3 +184,17 @@ def test_result_file_carries_skipped_counts(shards, tmp_path):
 def test_stale_lock_file_does_not_block(shards, tmp_path):
     (tmp_path / "run.lock").write_text("pid 999999 on host gone\n")  # left by a run killed with kill -9
     assert pretrain(dataclasses.replace(config(tmp_path, shards), max_steps=1)).step == 1
+
+
+ABANDONED_LOADER = """
+from mae_timm.data import create_loader
+batches = iter(create_loader({shards!r}, "train", 4, train=True, img_size=32, num_workers=2))
+next(batches)  # left running at exit: multiprocessing's exit handler terminates the workers and waits for them
+"""
+
+
+def test_workers_of_an_abandoned_loader_still_end_at_exit(shards):
+    """The workers ignore a process-group SIGTERM only while their loader runs, so an exit never waits on them."""
+    run = subprocess.run([sys.executable, "-c", ABANDONED_LOADER.format(shards=str(shards))], env=ENV,
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0 and "killed by signal" not in run.stderr, run.stderr[-2000:]

@@ -24,13 +24,16 @@ differs from ``_info.json`` is skipped whole); tar members with webdataset's res
 (``__name__``) are skipped and counted. Shards that are missing, or a pattern that names none, are reported before
 any worker starts.
 
-The workers ignore SIGTERM and SIGINT: a scheduler's (or ``timeout``'s) signal to the whole process group reaches
-the main process, which decides (pretraining finishes the update, saves and exits), instead of killing the workers
-under it.
+While their loader is in use the workers ignore SIGTERM and SIGINT: a scheduler's (or ``timeout``'s) signal to
+the whole process group reaches the main process, which decides (pretraining finishes the update, saves and
+exits), instead of killing the workers under it. Once the main process closes the iteration or exits, SIGTERM
+ends them again (multiprocessing's exit handler terminates leftover workers with it and then waits for them).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import itertools
 import logging
@@ -80,10 +83,25 @@ ERROR_KINDS = ("bad_images", "bad_shards", "reserved_members")  # columns of the
 RESERVED_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (its tar_file_iterator skips them)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a process-group SIGTERM / SIGINT is the main process's to handle."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+_OPEN_ITERATIONS: set[torch.Tensor] = set()  # `closing` flags of this process's running iterations
+
+
+def ignore_stop_signals(closing: torch.Tensor, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a process-group SIGTERM / SIGINT is the main process's to handle; SIGTERM
+    still ends the worker once ``closing`` (a shared flag) is set, as the main process shuts the workers down."""
+
+    def on_sigterm(signum, frame):
+        if closing.item():
+            os._exit(0)  # as terminate() means, without a "killed by signal" report from the DataLoader's SIGCHLD check
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before that one's terminate()
+def _close_all_iterations() -> None:
+    for closing in list(_OPEN_ITERATIONS):
+        closing.fill_(1)
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,21 +295,28 @@ class ShardLoader:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        closing = torch.zeros((), dtype=torch.uint8).share_memory_()  # set: SIGTERM ends this iteration's workers
         loader = torch.utils.data.DataLoader(
             self.stream.pipeline(),
             batch_size=None,  # batches are made inside the workers
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=functools.partial(ignore_stop_signals, closing),
         )
+        iterator = iter(loader)  # held here, so the workers are shut down only after `closing` is set below
+        _OPEN_ITERATIONS.add(closing)
         try:
-            yield from loader if self.decode_device is None else map(self.decode_on_device, loader)
+            yield from iterator if self.decode_device is None else map(self.decode_on_device, iterator)
         except DataError as exn:
             lines = str(exn).rstrip().splitlines()
             if len(lines) == 1:
                 raise
             # raised in a worker: the message holds the worker's traceback, its last line the error's own
             raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
+        finally:  # ended, failed or abandoned (closed): the DataLoader may now terminate the workers
+            closing.fill_(1)
+            _OPEN_ITERATIONS.discard(closing)
+            del iterator
         errors = self.errors
         if sum(errors.values()) > self._reported:
             self._reported = sum(errors.values())
