@@ -337,7 +337,9 @@ class FinetuneConfig:
     crop_scale_min: float = 0.08  # RandomResizedCrop scale (.., 1) at the full recipe + flip, on the device
     clip_grad: float | None = None  # max gradient norm; None: no clipping
     seed: int = 0  # head init, shuffling, crops, mixup draws
-    save_dir: str | None = None  # write the fine-tuned classifier here (timm local-dir folder last/, with metrics)
+    # write the fine-tuned classifier here (timm local-dir folder last/, with metrics); `mae-timm finetune`
+    # defaults it to <out>/finetuned
+    save_dir: str | None = None
 
     def __post_init__(self):  # epochs and warmup: the one warmup rule, when fine-tuning starts
         check_settings(self, _FINETUNE_RULES)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -208,6 +208,8 @@ def evaluate_checkpoint(
     resolve_device(data.device)  # a device that is not there stops before the checkpoint and data are read
     model, ckpt = load_model(checkpoint, map_location="cpu")
     out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
+    if protocol == "finetune" and cfg.save_dir is None:  # the fine-tuned classifier is kept by default
+        cfg = replace(cfg, save_dir=str(out_dir / "finetuned"))
     log = JsonlLog(out_dir / "eval_metrics.jsonl", checkpoint=str(checkpoint), step=ckpt["step"])
     metrics = evaluate_model(protocol, model, data, cfg, log=log)
     result = dict(
