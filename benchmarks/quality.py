@@ -195,10 +195,21 @@ def verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
+def update_minutes(metrics_path: Path, batch_size: int) -> float:
+    """Minutes the updates of a pretraining run took, from its ``metrics.jsonl`` (batch / img_per_s per update):
+    the same figure whether the run went in one go or was resumed."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return sum(batch_size / r["img_per_s"] for r in records) / 60
+
+
 def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
     """Collect the finished arms into ``quality_<device>.{json,md}`` and the accuracy-vs-updates figure."""
     records = {arm: json.loads((Path(cfg.out) / arm / "arm.json").read_text()) for arm in ARMS
                if (Path(cfg.out) / arm / "arm.json").is_file()}  # fmt: skip
+    for arm, record in records.items():
+        if "pretrain" in record:
+            batch = record["pretrain"]["batch_size"]
+            record["minutes"]["pretrain"] = update_minutes(Path(cfg.out) / arm / "metrics.jsonl", batch)
     rows = [dict(arm=arm, knn_top1=_top1(r, "knn"), linprobe_top1=_top1(r, "linprobe"),
                  finetune_top1=_top1(r, "finetune"), pretrain_updates=r.get("pretrain_updates"),
                  pretrain_minutes=round(r["minutes"]["pretrain"], 2) if "pretrain" in r["minutes"] else None)
@@ -206,7 +217,7 @@ def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
     lines = verdict(rows)
     fmt = lambda v: "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     table = markdown_table(["arm", "kNN top-1", "linear probe top-1", "fine-tune top-1", "pretrain updates",
-                            "pretrain min (wall)", "wall min per arm"],
+                            "pretrain min (wall, updates only)", "wall min per arm"],
                            [[fmt(row[k]) for k in row] + [f"{sum(records[row['arm']]['minutes'].values()):.1f}"]
                             for row in rows])  # fmt: skip
     protocols = {name: asdict(p) for name, p in _protocols(cfg).items()}
