@@ -85,6 +85,7 @@ class QualityConfig:
     num_workers: int = 2
     device: str = "auto"  # auto: cuda when available
     seed: int = 0
+    note: str = ""  # free text added to the report (e.g. the commands the arms ran with, the machine's load)
 
 
 def _protocols(cfg: QualityConfig) -> dict:
@@ -240,7 +241,7 @@ def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
     payload = dict(rows=rows, verdict=lines, split=split_sizes, protocols=protocols, config=asdict(cfg),
                    wall_minutes={arm: r["minutes"] for arm, r in records.items()}, curves=curves, arms=records)
     run = describe_run(device)
-    markdown = "\n".join([table, "", *[f"- {line}" for line in lines], "", note])
+    markdown = "\n".join([table, "", *[f"- {line}" for line in lines], "", note, "", cfg.note])
     stem = f"quality_{device.type}"
     for out_dir in filter(None, (cfg.out, cfg.results_dir)):
         write_results(Path(out_dir), stem, run, payload, markdown)
