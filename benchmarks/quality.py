@@ -145,6 +145,8 @@ def run_arm(cfg: QualityConfig, arm: str, shard_dir: Path, train_size: int, data
     if arm in PRETRAINED:
         run = pretrain_config(cfg, arm, shard_dir, train_size)
         result = pretrain(run)
+        if result.interrupted:  # a signal: the run saved a checkpoint; a later call resumes it
+            raise SystemExit(f"{arm}: pretraining stopped at step {result.step}; rerun the same command to resume")
         record["minutes"]["pretrain"] = (time.perf_counter() - start) / 60
         record.update(pretrain=asdict(run), pretrain_updates=result.step, pretrain_loss=result.loss)
         start = time.perf_counter()
