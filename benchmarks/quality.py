@@ -62,13 +62,11 @@ class QualityConfig:
     out: str = "runs/quality"  # shards, one folder per arm, the report
     results_dir: str | None = None  # also copy the report here (e.g. benchmarks/results)
     arms: str = ",".join(ARMS)  # comma-separated subset of ARMS ('' : only write the report)
-    # the encoder of every arm (28 px in 7-px patches: 4 x 4 tokens) and the MAE decoder (one narrow block): the best
-    # of the experiment helper's sweep at equal CPU time (/work/research/FINDINGS.md: patch 7 / 192 d beat patch 4 /
-    # 128 d by ~5 kNN and probe points at 4 CPU-min); in_chans 3: the loader repeats gray to RGB (1 needs a loader
-    # that decodes grayscale)
-    encoder: dict = field(default_factory=lambda: dict(img_size=28, patch_size=7, embed_dim=192, depth=4, num_heads=6,
+    # the encoder of every arm (28 px in 4-px patches: 7 x 7 tokens) and the MAE decoder (one narrow block);
+    # in_chans 3: the loader repeats gray to RGB (1 needs a loader that decodes grayscale)
+    encoder: dict = field(default_factory=lambda: dict(img_size=28, patch_size=4, embed_dim=128, depth=4, num_heads=4,
                                                        in_chans=3))
-    decoder: dict = field(default_factory=lambda: dict(decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=4))
+    decoder: dict = field(default_factory=lambda: dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4))
     model_kwargs: dict = field(default_factory=dict)  # applied last to every arm (a smoke run shrinks the model)
     arm_configs: dict = field(default_factory=dict)  # arm -> PretrainConfig YAML replacing the recipe below
     pretrain_steps: int = 2000  # updates per pretrained arm (the fixed budget)
