@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -62,11 +63,12 @@ class QualityConfig:
     out: str = "runs/quality"  # shards, one folder per arm, the report
     results_dir: str | None = None  # also copy the report here (e.g. benchmarks/results)
     arms: str = ",".join(ARMS)  # comma-separated subset of ARMS ('' : only write the report)
-    # the encoder of every arm (28 px in 4-px patches: 7 x 7 tokens) and the MAE decoder (one narrow block);
-    # in_chans 3: the loader repeats gray to RGB (1 needs a loader that decodes grayscale)
-    encoder: dict = field(default_factory=lambda: dict(img_size=28, patch_size=4, embed_dim=128, depth=4, num_heads=4,
-                                                       in_chans=3))
-    decoder: dict = field(default_factory=lambda: dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4))
+    # the encoder of every arm: native 28 px in 7-px patches (4 x 4 tokens), 1 channel, 192 d x 4 blocks; the MAE
+    # decoder: one narrow block (the experiment helper's best recipe at equal CPU, benchmarks/results/quality_sweep_cpu)
+    encoder: dict = field(default_factory=lambda: dict(img_size=28, patch_size=7, embed_dim=192, depth=4, num_heads=6,
+                                                       in_chans=1))
+    decoder: dict = field(default_factory=lambda: dict(decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=4))
+    mae_init: bool = False  # MAE arms: False = timm's ViT init and a learned position table (as measured in the sweep)
     model_kwargs: dict = field(default_factory=dict)  # applied last to every arm (a smoke run shrinks the model)
     arm_configs: dict = field(default_factory=dict)  # arm -> PretrainConfig YAML replacing the recipe below
     pretrain_steps: int = 2000  # updates per pretrained arm (the fixed budget)
@@ -78,9 +80,9 @@ class QualityConfig:
     # pretrain_steps: a whole number of epochs (234 updates of 256 on 60,000 images) completes the cosine schedule
     eval_points: int = 4  # checkpoints of each pretraining run evaluated by kNN + linear probe
     global_pool: str = "avg"  # frozen features of every arm: 'avg' (patch tokens) or 'token'
-    feature_blocks: int = 1  # concatenate the last N blocks' pooled tokens
+    feature_blocks: int = 4  # concatenate the last N blocks' pooled tokens (the sweep: +1.5 kNN over the last alone)
     linprobe_epochs: int = 30
-    finetune_epochs: int = 2
+    finetune_epochs: int = 2  # 0: no fine-tune (frozen-feature comparisons only)
     finetune_batch_size: int = 128
     num_workers: int = 2
     device: str = "auto"  # auto: cuda when available
@@ -93,7 +95,7 @@ def _protocols(cfg: QualityConfig) -> dict:
     return dict(
         knn=KnnConfig(**pool),
         linprobe=LinprobeConfig(epochs=cfg.linprobe_epochs, warmup_epochs=min(3, cfg.linprobe_epochs - 1), **pool),
-        finetune=FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size,
+        finetune=FinetuneConfig(epochs=max(cfg.finetune_epochs, 1), batch_size=cfg.finetune_batch_size,
                                 warmup_epochs=min(5, cfg.finetune_epochs - 1), seed=cfg.seed),
     )  # fmt: skip
 
@@ -101,12 +103,13 @@ def _protocols(cfg: QualityConfig) -> dict:
 def arm_model(cfg: QualityConfig, arm: str) -> tuple[str, dict]:
     """(timm model name, kwargs) of an arm; ``scratch`` and ``raw_pixels`` use the late-mask architecture."""
     name = PRETRAINED.get(arm, PRETRAINED["mae_late"])
-    stats = dict(pretrained_cfg_overlay=dict(mean=[FASHION_MNIST_MEAN] * 3, std=[FASHION_MNIST_STD] * 3))
+    chans = cfg.encoder.get("in_chans", 3)
+    stats = dict(pretrained_cfg_overlay=dict(mean=[FASHION_MNIST_MEAN] * chans, std=[FASHION_MNIST_STD] * chans))
     if name.startswith("apl"):
         encoder = {k: v for k, v in cfg.encoder.items() if k != "patch_size"}
         kwargs = dict(encoder, grid_size=cfg.encoder["img_size"] // cfg.encoder["patch_size"], crop=1)
     else:
-        kwargs = dict(cfg.encoder, **cfg.decoder)
+        kwargs = dict(cfg.encoder, **cfg.decoder, mae_init=cfg.mae_init)
     return name, dict(kwargs, **stats, **cfg.model_kwargs)
 
 
@@ -133,37 +136,54 @@ def _frozen(model, data: EvalData, protocols: dict, raw_pixels: bool = False) ->
     return evaluate_frozen(model, data, protocols["knn"], protocols["linprobe"], raw_pixels=raw_pixels)
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children (loader workers) so far."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+class _Phase:
+    """Wall and CPU minutes of one phase of an arm, added to ``record['minutes']`` / ``record['cpu_minutes']``."""
+
+    def __init__(self, record: dict, name: str):
+        self.record, self.name = record, name
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+
+    def __exit__(self, *exc):
+        self.record["minutes"][self.name] = (time.perf_counter() - self.wall) / 60
+        self.record["cpu_minutes"][self.name] = (_cpu_seconds() - self.cpu) / 60
+
+
 def run_arm(cfg: QualityConfig, arm: str, shard_dir: Path, train_size: int, data: EvalData) -> dict:
     """Pretrain (if the arm does), evaluate, fine-tune (if the arm does); the arm's record with wall times."""
-    protocols = _protocols(cfg)
-    record = dict(arm=arm, load_average_start=os.getloadavg(), minutes={})
-    start = time.perf_counter()
+    protocols = _protocols(cfg)  # finetune_epochs 0: built with 1 epoch and not run
+    record = dict(arm=arm, load_average_start=os.getloadavg(), minutes={}, cpu_minutes={})
     model_name, kwargs = arm_model(cfg, arm)
     model = scratch_model(model_name, kwargs, cfg.seed)
     if arm in PRETRAINED:
         run = pretrain_config(cfg, arm, shard_dir, train_size)
-        result = pretrain(run)
+        with _Phase(record, "pretrain"):
+            result = pretrain(run)
         if result.interrupted:  # a signal: the run saved a checkpoint; a later call resumes it
             raise SystemExit(f"{arm}: pretraining stopped at step {result.step}; rerun the same command to resume")
-        record["minutes"]["pretrain"] = (time.perf_counter() - start) / 60
         record.update(pretrain=asdict(run), pretrain_updates=result.step, pretrain_loss=result.loss)
-        start = time.perf_counter()
         record["curve"] = []
-        for path in list_checkpoints(Path(run.out)):  # oldest first; the last is the end of the run
-            model, ckpt = load_model(path)
-            metrics = _frozen(model, data, protocols)
-            record["curve"].append(dict(updates=ckpt["step"], knn_top1=metrics["knn"]["top1"],
-                                        linprobe_top1=metrics["linprobe"]["top1"]))
-            print(f"{arm} at {ckpt['step']} updates: {record['curve'][-1]}")
+        with _Phase(record, "evaluate"):
+            for path in list_checkpoints(Path(run.out)):  # oldest first; the last is the end of the run
+                model, ckpt = load_model(path)
+                metrics = _frozen(model, data, protocols)
+                record["curve"].append(dict(updates=ckpt["step"], knn_top1=metrics["knn"]["top1"],
+                                            linprobe_top1=metrics["linprobe"]["top1"]))
+                print(f"{arm} at {ckpt['step']} updates: {record['curve'][-1]}")
         record.update(metrics)
     else:
-        record.update(model=model_name, model_kwargs=kwargs, **_frozen(model, data, protocols, arm == "raw_pixels"))
-    record["minutes"]["evaluate"] = (time.perf_counter() - start) / 60
-    if arm != "raw_pixels":
-        start = time.perf_counter()
-        metrics = evaluate_model("finetune", model, data, protocols["finetune"])
-        record["finetune"] = metrics
-        record["minutes"]["finetune"] = (time.perf_counter() - start) / 60
+        with _Phase(record, "evaluate"):
+            record.update(model=model_name, model_kwargs=kwargs, **_frozen(model, data, protocols, arm == "raw_pixels"))
+    if arm != "raw_pixels" and cfg.finetune_epochs > 0:
+        with _Phase(record, "finetune"):
+            record["finetune"] = evaluate_model("finetune", model, data, protocols["finetune"])
     record["load_average_end"] = os.getloadavg()
     return record
 
@@ -253,14 +273,8 @@ def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
     return payload
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_arguments(parser, QualityConfig)
-    cfg = config_from_args(QualityConfig, parser.parse_args(argv))
-    arms = [a for a in cfg.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown:
-        parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+def run_arms(cfg: QualityConfig, arms: list[str]) -> tuple[torch.device, dict]:
+    """Shard Fashion-MNIST into ``<out>/shards`` (once) and run every arm not done before; (device, split sizes)."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)  # fmt: skip
     shard_dir = Path(cfg.out) / "shards"
@@ -277,6 +291,23 @@ def main(argv=None) -> int:
         record = run_arm(cfg, arm, shard_dir, split_sizes["train"], data)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return device, split_sizes
+
+
+def parse_arms(parser: argparse.ArgumentParser, arms: str) -> list[str]:
+    """The comma-separated arms, each one of ARMS (else a parser error)."""
+    chosen = [a for a in arms.split(",") if a]
+    unknown = sorted(set(chosen) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, QualityConfig)
+    cfg = config_from_args(QualityConfig, parser.parse_args(argv))
+    device, split_sizes = run_arms(cfg, parse_arms(parser, cfg.arms))
     report(cfg, device, split_sizes)
     return 0
 

@@ -203,7 +203,7 @@ def test_quality_benchmark_smoke(tmp_path):
 
     args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--arms", "raw_pixels,scratch,mae_early",
             "--pretrain-steps", "2", "--eval-points", "2", "--batch-size", "64", "--linprobe-epochs", "2",
-            "--finetune-epochs", "1", "--finetune-batch-size", "64", "--num-workers", "1",
+            "--finetune-epochs", "1", "--finetune-batch-size", "64", "--num-workers", "1", "--feature-blocks", "1",
             "--model-kwargs", json.dumps(dict(embed_dim=16, depth=1, num_heads=2))]  # fmt: skip
     assert quality.main(args) == 0
     result = json.loads((tmp_path / "quality_cpu.json").read_text())
@@ -213,6 +213,23 @@ def test_quality_benchmark_smoke(tmp_path):
                                       "pretrain_minutes"}  # fmt: skip
     assert rows["raw_pixels"]["finetune_top1"] is None and rows["scratch"]["pretrain_updates"] is None
     assert rows["mae_early"]["pretrain_updates"] == 2 and len(result["curves"]["mae_early"]) == 2
+
+
+@pytest.mark.slow
+def test_late_vs_early_benchmark_smoke(tmp_path):
+    from benchmarks import late_vs_early
+
+    args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--seeds", "0", "1",
+            "--pretrain-steps", "2", "--eval-points", "1", "--batch-size", "64", "--linprobe-epochs", "2",
+            "--finetune-epochs", "0", "--feature-blocks", "1", "--num-workers", "0",
+            "--model-kwargs", json.dumps(dict(embed_dim=16, depth=1, num_heads=2))]  # fmt: skip
+    assert late_vs_early.main(args) == 0
+    result = json.loads((tmp_path / "late_vs_early_cpu.json").read_text())
+    late, early = result["arms"]["mae_late"], result["arms"]["mae_early"]
+    assert len(late["knn"]["per_seed"]) == len(early["linprobe"]["per_seed"]) == 2  # one value per seed
+    assert late["finetune"]["mean"] is None  # --finetune-epochs 0: no fine-tune
+    assert result["macs_ratio"] > 1  # the encoder sees every token under early masking
+    assert (tmp_path / "seed1" / "mae_early" / "arm.json").is_file()
     assert all(0 <= row[k] <= 100 for row in rows.values() for k in ("knn_top1", "linprobe_top1") if row[k])
     assert {"split", "protocols", "run", "wall_minutes", "verdict"} <= set(result)
     assert "wins" in (tmp_path / "quality_cpu.md").read_text()
