@@ -213,6 +213,10 @@ def test_quality_benchmark_smoke(tmp_path):
                                       "pretrain_minutes"}  # fmt: skip
     assert rows["raw_pixels"]["finetune_top1"] is None and rows["scratch"]["pretrain_updates"] is None
     assert rows["mae_early"]["pretrain_updates"] == 2 and len(result["curves"]["mae_early"]) == 2
+    assert all(0 <= row[k] <= 100 for row in rows.values() for k in ("knn_top1", "linprobe_top1") if row[k])
+    assert {"split", "protocols", "run", "wall_minutes", "verdict"} <= set(result)
+    assert "wins" in (tmp_path / "quality_cpu.md").read_text()
+    assert (tmp_path / "accuracy_vs_updates.png").is_file()
 
 
 @pytest.mark.slow
@@ -230,7 +234,3 @@ def test_late_vs_early_benchmark_smoke(tmp_path):
     assert late["finetune"]["mean"] is None  # --finetune-epochs 0: no fine-tune
     assert result["macs_ratio"] > 1  # the encoder sees every token under early masking
     assert (tmp_path / "seed1" / "mae_early" / "arm.json").is_file()
-    assert all(0 <= row[k] <= 100 for row in rows.values() for k in ("knn_top1", "linprobe_top1") if row[k])
-    assert {"split", "protocols", "run", "wall_minutes", "verdict"} <= set(result)
-    assert "wins" in (tmp_path / "quality_cpu.md").read_text()
-    assert (tmp_path / "accuracy_vs_updates.png").is_file()
