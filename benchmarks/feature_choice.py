@@ -1,0 +1,84 @@
+"""Which frozen features of a checkpoint to probe, chosen without the test split.
+
+kNN and the linear probe read an encoder through ``encoder_features(model, global_pool, blocks)``: the pooled
+tokens of the last ``blocks`` blocks, concatenated. Picking the pooling or the number of blocks on the split the
+accuracy is reported on would be model selection on test data, so this measures every choice on a hold-out of the
+training split instead: features of the training split are extracted once (every block, each pooling), the first
+``len - holdout`` images are the kNN bank / probe training set and the last ``holdout`` the queries.
+
+    python -m benchmarks.feature_choice --checkpoint runs/quality/mae_late/last.pt --data runs/quality/shards \\
+        --out benchmarks/results/feature_choice_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import describe_run, markdown_table, write_results
+from mae_timm.engine.checkpoint import load_model
+from mae_timm.engine.config import KnnConfig, LinprobeConfig
+from mae_timm.engine.eval_setup import encoder_features, normalizer, predict, progress
+from mae_timm.engine.evaluate import EvalData, create_loaders
+from mae_timm.engine.knn import knn_on_features
+from mae_timm.engine.linprobe import linprobe_on_features
+from mae_timm.engine.runtime import resolve_device
+
+
+def holdout_features(model, data: EvalData, global_pool: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(features of the training split (M, depth * D): every block, the last block last; labels (M,); D)."""
+    depth = model.encoder_kwargs()["depth"]
+    features = encoder_features(model, global_pool, blocks=depth).to(device)
+    train_loader, _ = create_loaders(model, data)
+    x, y = predict(features, progress(train_loader, f"features ({global_pool})"), normalizer(model, device), device)
+    return x, y, x.shape[1] // depth
+
+
+def choose(checkpoint: str, data: EvalData, holdout: int, linprobe_epochs: int) -> list[dict]:
+    """kNN (k=20) and linear-probe top-1 on the hold-out for each pooling and each number of last blocks."""
+    model, _ = load_model(checkpoint)
+    device = resolve_device(data.device)
+    pools = ["avg", "token"] if getattr(model, "cls_token", None) is not None else ["avg"]
+    rows = []
+    for pool in pools:
+        x, y, dim = holdout_features(model, data, pool, device)
+        num_classes = int(y.max()) + 1
+        for blocks in range(1, x.shape[1] // dim + 1):
+            last = x[:, -blocks * dim:]  # the last `blocks` blocks
+            split = (last[:-holdout], y[:-holdout], last[-holdout:], y[-holdout:], num_classes)
+            knn = knn_on_features(*split, KnnConfig(), device)
+            probe = linprobe_on_features(*split, LinprobeConfig(epochs=linprobe_epochs, warmup_epochs=3), device)
+            rows.append(dict(global_pool=pool, feature_blocks=blocks, knn_top1=knn["top1"],
+                             linprobe_top1=probe["top1"], feature_dim=last.shape[1]))  # fmt: skip
+            print(rows[-1])
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="shard directory; its train split is split into bank + hold-out")
+    parser.add_argument("--holdout", type=int, default=10000, help="the last N training images are the queries")
+    parser.add_argument("--linprobe-epochs", type=int, default=30)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write <stem>.json / .md here (a .json path)")
+    args = parser.parse_args(argv)
+    data = EvalData(data=args.data, num_workers=args.num_workers, device=args.device)
+    rows = choose(args.checkpoint, data, args.holdout, args.linprobe_epochs)
+    table = markdown_table(["global_pool", "feature_blocks", "kNN top-1 (hold-out)", "probe top-1 (hold-out)", "dim"],
+                           [[r["global_pool"], r["feature_blocks"], f"{r['knn_top1']:.2f}", f"{r['linprobe_top1']:.2f}",
+                             r["feature_dim"]] for r in rows])  # fmt: skip
+    print(table)
+    if args.out is not None:
+        payload = dict(checkpoint=args.checkpoint, holdout=args.holdout, rows=rows)
+        write_results(args.out.parent, args.out.stem, describe_run(resolve_device(args.device)), payload, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
