@@ -38,11 +38,10 @@ def holdout_features(model, data: EvalData, global_pool: str, device) -> tuple[t
     return x, y, x.shape[1] // depth
 
 
-def choose(checkpoint: str, data: EvalData, holdout: int, linprobe_epochs: int) -> list[dict]:
+def choose(checkpoint: str, data: EvalData, holdout: int, linprobe_epochs: int, pools: list[str]) -> list[dict]:
     """kNN (k=20) and linear-probe top-1 on the hold-out for each pooling and each number of last blocks."""
     model, _ = load_model(checkpoint)
     device = resolve_device(data.device)
-    pools = ["avg", "token"] if getattr(model, "cls_token", None) is not None else ["avg"]
     rows = []
     for pool in pools:
         x, y, dim = holdout_features(model, data, pool, device)
@@ -64,12 +63,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="shard directory; its train split is split into bank + hold-out")
     parser.add_argument("--holdout", type=int, default=10000, help="the last N training images are the queries")
     parser.add_argument("--linprobe-epochs", type=int, default=30)
+    parser.add_argument("--pools", nargs="+", default=["avg"], choices=["avg", "token"],
+                        help="token: the class token (late-mask MAE only)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=None, help="write <stem>.json / .md here (a .json path)")
     args = parser.parse_args(argv)
     data = EvalData(data=args.data, num_workers=args.num_workers, device=args.device)
-    rows = choose(args.checkpoint, data, args.holdout, args.linprobe_epochs)
+    rows = choose(args.checkpoint, data, args.holdout, args.linprobe_epochs, args.pools)
     table = markdown_table(["global_pool", "feature_blocks", "kNN top-1 (hold-out)", "probe top-1 (hold-out)", "dim"],
                            [[r["global_pool"], r["feature_blocks"], f"{r['knn_top1']:.2f}", f"{r['linprobe_top1']:.2f}",
                              r["feature_dim"]] for r in rows])  # fmt: skip
