@@ -14,7 +14,6 @@ pixels (``RawPixels``, normalised as the model's input) go through the same spli
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

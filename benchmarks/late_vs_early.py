@@ -75,7 +75,7 @@ def summarize(cfg: QualityConfig, seeds: list[int]) -> dict:
         if late[key]["mean"] is None or early[key]["mean"] is None:
             continue
         delta = early[key]["mean"] - late[key]["mean"]
-        every = all(e < l for e, l in zip(early[key]["per_seed"], late[key]["per_seed"], strict=True))
+        every = all(e < la for e, la in zip(early[key]["per_seed"], late[key]["per_seed"], strict=True))
         lines.append(f"{label}: early {early[key]['mean']:.2f} vs late {late[key]['mean']:.2f} (mean of "
                      f"{len(seeds)} seeds, early - late = {delta:+.2f}; early below late in "
                      f"{'every' if every else 'not every'} seed)")
