@@ -188,6 +188,10 @@ def run_arm(cfg: QualityConfig, arm: str, shard_dir: Path, train_size: int, data
     return record
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def _top1(record: dict, protocol: str) -> float | None:
     return round(record[protocol]["top1"], 2) if protocol in record else None
 
@@ -235,12 +239,13 @@ def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
             record["minutes"]["pretrain"] = update_minutes(Path(cfg.out) / arm / "metrics.jsonl", batch)
     rows = [dict(arm=arm, knn_top1=_top1(r, "knn"), linprobe_top1=_top1(r, "linprobe"),
                  finetune_top1=_top1(r, "finetune"), pretrain_updates=r.get("pretrain_updates"),
-                 pretrain_minutes=round(r["minutes"]["pretrain"], 2) if "pretrain" in r["minutes"] else None)
+                 pretrain_minutes=round(r["minutes"]["pretrain"], 2) if "pretrain" in r["minutes"] else None,
+                 pretrain_cpu_minutes=_rounded(r.get("cpu_minutes", {}).get("pretrain")))
             for arm, r in records.items()]  # fmt: skip
     lines = verdict(rows)
     fmt = lambda v: "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     table = markdown_table(["arm", "kNN top-1", "linear probe top-1", "fine-tune top-1", "pretrain updates",
-                            "pretrain min (wall, updates only)", "wall min per arm"],
+                            "pretrain min (wall, updates only)", "pretrain CPU-min", "wall min per arm"],
                            [[fmt(row[k]) for k in row] + [f"{sum(records[row['arm']]['minutes'].values()):.1f}"]
                             for row in rows])  # fmt: skip
     protocols = {name: asdict(p) for name, p in _protocols(cfg).items()}
@@ -261,7 +266,8 @@ def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
             f"of batch {cfg.finetune_batch_size}, the same recipe for scratch and pretrained. scratch's kNN / probe: "
             f"the random-init encoder. 1-min load average at the start / end of each arm: {loads}.")
     payload = dict(rows=rows, verdict=lines, split=split_sizes, protocols=protocols, config=asdict(cfg),
-                   wall_minutes={arm: r["minutes"] for arm, r in records.items()}, curves=curves, arms=records)
+                   wall_minutes={arm: r["minutes"] for arm, r in records.items()},
+                   cpu_minutes={arm: r.get("cpu_minutes") for arm, r in records.items()}, curves=curves, arms=records)
     run = describe_run(device)
     markdown = "\n".join([table, "", *[f"- {line}" for line in lines], "", note, "", cfg.note])
     stem = f"quality_{device.type}"

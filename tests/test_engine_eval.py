@@ -210,7 +210,7 @@ def test_quality_benchmark_smoke(tmp_path):
     rows = {row["arm"]: row for row in result["rows"]}
     assert set(rows) == {"raw_pixels", "scratch", "mae_early"}
     assert set(rows["mae_early"]) == {"arm", "knn_top1", "linprobe_top1", "finetune_top1", "pretrain_updates",
-                                      "pretrain_minutes"}  # fmt: skip
+                                      "pretrain_minutes", "pretrain_cpu_minutes"}  # fmt: skip
     assert rows["raw_pixels"]["finetune_top1"] is None and rows["scratch"]["pretrain_updates"] is None
     assert rows["mae_early"]["pretrain_updates"] == 2 and len(result["curves"]["mae_early"]) == 2
     assert all(0 <= row[k] <= 100 for row in rows.values() for k in ("knn_top1", "linprobe_top1") if row[k])
