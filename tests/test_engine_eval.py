@@ -5,6 +5,7 @@ themselves are tested in ``test_eval_protocols.py``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -234,3 +235,12 @@ def test_late_vs_early_benchmark_smoke(tmp_path):
     assert late["finetune"]["mean"] is None  # --finetune-epochs 0: no fine-tune
     assert result["macs_ratio"] > 1  # the encoder sees every token under early masking
     assert (tmp_path / "seed1" / "mae_early" / "arm.json").is_file()
+
+
+def test_gpu_quality_config_loads():
+    from benchmarks.quality import ARMS, QualityConfig
+    from mae_timm.engine.config import load_config
+
+    cfg = load_config(QualityConfig, Path(__file__).resolve().parents[1] / "benchmarks/configs/quality_gpu.yaml", {})
+    assert cfg.device == "cuda" and set(cfg.arms.split(",")) <= set(ARMS)
+    assert cfg.feature_blocks <= cfg.encoder["depth"]  # a valid feature choice for its encoder
