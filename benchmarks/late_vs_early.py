@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.common import describe_run, markdown_table, write_results
 from benchmarks.flops import MaskedForward, flop_counter_macs, split_macs
-from benchmarks.quality import QualityConfig, arm_model, run_arms
+from benchmarks.quality import QualityConfig, arm_model, run_arms, update_seconds
 from mae_timm.engine.baselines import scratch_model
 from mae_timm.engine.config import add_config_arguments, config_from_args
 
@@ -48,8 +48,8 @@ def pretrain_macs(cfg: QualityConfig, arm: str) -> dict[str, int]:
 
 def seconds_per_update(metrics_path: Path, batch_size: int) -> float:
     """Median seconds per pretraining update of a run (from its ``metrics.jsonl``), the first 10 left out."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return statistics.median(batch_size / r["img_per_s"] for r in records[10:] or records)
+    seconds = update_seconds(metrics_path, batch_size)
+    return statistics.median(seconds[10:] or seconds)
 
 
 def summarize(cfg: QualityConfig, seeds: list[int]) -> dict:
@@ -70,7 +70,7 @@ def summarize(cfg: QualityConfig, seeds: list[int]) -> dict:
     time_ratio = statistics.median(early["seconds_per_update"]) / statistics.median(late["seconds_per_update"])
     lines = [f"early mask costs {ratio:.2f}x the multiply-adds of late mask per pretraining image "
              f"({early['macs']['total'] / 1e6:.1f} vs {late['macs']['total'] / 1e6:.1f} M) and {time_ratio:.2f}x "
-             f"the CPU time per update (paper, ViT-L: 3.3x)"]
+             f"the time per update (paper, ViT-L: 3.3x the FLOPs)"]
     for key, label in METRICS:
         if late[key]["mean"] is None or early[key]["mean"] is None:
             continue

@@ -92,11 +92,12 @@ class QualityConfig:
 
 def _protocols(cfg: QualityConfig) -> dict:
     pool = dict(global_pool=cfg.global_pool, feature_blocks=cfg.feature_blocks)
+    finetune_epochs = max(cfg.finetune_epochs, 1)  # finetune_epochs 0: built with 1 epoch and not run
     return dict(
         knn=KnnConfig(**pool),
         linprobe=LinprobeConfig(epochs=cfg.linprobe_epochs, warmup_epochs=min(3, cfg.linprobe_epochs - 1), **pool),
-        finetune=FinetuneConfig(epochs=max(cfg.finetune_epochs, 1), batch_size=cfg.finetune_batch_size,
-                                warmup_epochs=min(5, cfg.finetune_epochs - 1), seed=cfg.seed),
+        finetune=FinetuneConfig(epochs=finetune_epochs, batch_size=cfg.finetune_batch_size,
+                                warmup_epochs=min(5, finetune_epochs - 1), seed=cfg.seed),
     )  # fmt: skip
 
 
@@ -158,7 +159,7 @@ class _Phase:
 
 def run_arm(cfg: QualityConfig, arm: str, shard_dir: Path, train_size: int, data: EvalData) -> dict:
     """Pretrain (if the arm does), evaluate, fine-tune (if the arm does); the arm's record with wall times."""
-    protocols = _protocols(cfg)  # finetune_epochs 0: built with 1 epoch and not run
+    protocols = _protocols(cfg)
     record = dict(arm=arm, load_average_start=os.getloadavg(), minutes={}, cpu_minutes={})
     model_name, kwargs = arm_model(cfg, arm)
     model = scratch_model(model_name, kwargs, cfg.seed)
@@ -222,11 +223,16 @@ def verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
-def update_minutes(metrics_path: Path, batch_size: int) -> float:
-    """Minutes the updates of a pretraining run took, from its ``metrics.jsonl`` (batch / img_per_s per update):
-    the same figure whether the run went in one go or was resumed."""
+def update_seconds(metrics_path: Path, batch_size: int) -> list[float]:
+    """Seconds each update of a pretraining run took, from its ``metrics.jsonl`` (batch / img_per_s per update):
+    the same figures whether the run went in one go or was resumed."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return sum(batch_size / r["img_per_s"] for r in records) / 60
+    return [batch_size / r["img_per_s"] for r in records]
+
+
+def update_minutes(metrics_path: Path, batch_size: int) -> float:
+    """Minutes the updates of a pretraining run took (:func:`update_seconds`)."""
+    return sum(update_seconds(metrics_path, batch_size)) / 60
 
 
 def report(cfg: QualityConfig, device: torch.device, split_sizes: dict) -> dict:
