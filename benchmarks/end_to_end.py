@@ -4,7 +4,7 @@
     python -m benchmarks.end_to_end --data data/tiny-imagenet-shards --compile --arms synthetic shards shards-device
     python -m benchmarks.end_to_end --tiny --out /tmp/bench  # CPU smoke test: mae_vit_test, batch 8, 1 worker
 
-Every run is ``mae_timm.engine.pretrain`` with one config that differs only in its input (RandomResizedCrop + flip
+Every run is ``mae_timm.engine.train.pretrain`` with one config that differs only in its input (RandomResizedCrop + flip
 on the device in all):
 
 - ``synthetic``: a few uint8 batches made once by ``SyntheticImages`` and kept on the device, handed out in turn:
@@ -41,13 +41,13 @@ import torch
 import webdataset
 
 import mae_timm  # noqa: F401  (registers the models)
-import mae_timm.engine.pretrain as pretrain_module
+import mae_timm.engine.train.pretrain as pretrain_module
 from benchmarks.common import describe_run, markdown_table, write_results
 from benchmarks.loader import synthetic_jpeg
 from mae_timm.data import Sample, create_loader, read_info, write_shards
 from mae_timm.data.loader import default_num_workers
 from mae_timm.data.synthetic import SyntheticImages
-from mae_timm.engine.config import PretrainConfig
+from mae_timm.engine.train.config import PretrainConfig
 
 ARMS = ("synthetic", "shards", "shards-device")
 ARM_NAMES = {"synthetic": "synthetic (device-resident)", "shards": "WebDataset shards",
@@ -103,8 +103,8 @@ def arm_input(arm: str, bench: EndToEndBench, device: torch.device):
         yield
         return
 
-    def create(cfg: PretrainConfig, rank: int, img_size: int, in_chans: int, *, split: str, train: bool,
-               batch_size: int):
+    def create(cfg: PretrainConfig, model: torch.nn.Module, *, split: str, train: bool, rank: int, batch_size: int):
+        img_size, in_chans = model.input_size(), model.input_channels()
         if arm == "synthetic":
             source = SyntheticImages(cfg.synthetic_samples, batch_size, img_size, cfg.seed, rank, in_chans)
             return ResidentBatches(source, device, bench.resident_batches)

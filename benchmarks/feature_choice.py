@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import describe_run, markdown_table, write_results
-from mae_timm.engine.baselines import RawPixels
 from mae_timm.engine.checkpoint import load_model
-from mae_timm.engine.config import KnnConfig, LinprobeConfig
-from mae_timm.engine.eval_setup import encoder_features, normalizer, predict, progress
-from mae_timm.engine.evaluate import EvalData, create_loaders
-from mae_timm.engine.knn import knn_on_features
-from mae_timm.engine.linprobe import linprobe_on_features
-from mae_timm.engine.runtime import resolve_device
+from mae_timm.engine.eval.baselines import RawPixels
+from mae_timm.engine.eval.common import encoder_features, normalizer, predict, progress
+from mae_timm.engine.eval.evaluate import EvalData, create_loaders
+from mae_timm.engine.eval.knn import KnnConfig, knn_on_features
+from mae_timm.engine.eval.linprobe import LinprobeConfig, linprobe_on_features
+from mae_timm.utils import resolve_device
 
 
 def holdout_features(model, data: EvalData, global_pool: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:

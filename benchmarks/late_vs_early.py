@@ -29,8 +29,8 @@ import torch
 from benchmarks.common import describe_run, markdown_table, write_results
 from benchmarks.flops import MaskedForward, flop_counter_macs, split_macs
 from benchmarks.quality import QualityConfig, arm_model, run_arms, update_seconds
-from mae_timm.engine.baselines import scratch_model
-from mae_timm.engine.config import add_config_arguments, config_from_args
+from mae_timm.engine.eval.baselines import scratch_model
+from mae_timm.utils.settings import add_config_arguments, config_from_args
 
 ARMS = ("mae_late", "mae_early")
 METRICS = (("knn", "kNN top-1"), ("linprobe", "linear probe top-1"), ("finetune", "fine-tune top-1"))

@@ -7,7 +7,7 @@ Each repeat times every (op, grid, implementation) once, in an interleaved order
 arms alike; the table gives medians and the old / new ratio. Results go to ``benchmarks/results/masking_cpu.md``.
 
 The reference functions below are the block and grid masking that mae_timm shipped before they were vectorised
-(one Python loop per sample, sampling on the CPU); ``tests/test_masking.py`` checks the new ops against them.
+(one Python loop per sample, sampling on the CPU); ``tests/layers/test_masking.py`` checks the new ops against them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Learning quality on Fashion-MNIST: does pretraining beat raw pixels and training from scratch?
 
-Arms, all on the same split, through the same protocols (``mae_timm.engine.evaluate``), in one run:
+Arms, all on the same split, through the same protocols (``mae_timm.engine.eval.evaluate``), in one run:
 
 - ``raw_pixels``: the normalised input pixels as features (kNN, linear probe; no fine-tune);
 - ``scratch``: the ``mae_late`` architecture at random init: kNN / linear probe of the random encoder, and a fine-tune
@@ -40,8 +40,7 @@ from mae_timm.data import fashion_mnist, write_source
 from mae_timm.data.sources import FASHION_MNIST_ROOT
 from mae_timm.demo import FASHION_MNIST_MEAN, FASHION_MNIST_STD, save_accuracy_curve
 from mae_timm.engine.checkpoint import list_checkpoints, load_model
-from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args, load_config
-from mae_timm.engine.evaluate import (
+from mae_timm.engine.eval.evaluate import (
     EvalData,
     FinetuneConfig,
     KnnConfig,
@@ -50,7 +49,9 @@ from mae_timm.engine.evaluate import (
     evaluate_model,
     scratch_model,
 )
-from mae_timm.engine.pretrain import pretrain
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.engine.train.pretrain import pretrain
+from mae_timm.utils.settings import add_config_arguments, config_from_args, load_config
 
 ARMS = ("raw_pixels", "scratch", "mae_late", "mae_early", "apl")
 PRETRAINED = {"mae_late": "mae_vit_tiny_patch8_64", "mae_early": "mae_vit_tiny_early_mask", "apl": "apl_vit_tiny_64"}

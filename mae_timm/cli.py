@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = _load(COMMANDS[args.command][0])
-    from mae_timm.engine.runtime import NonFiniteLossError
+    from mae_timm.utils import NonFiniteLossError
 
     try:
         return int(module.run(args, args.command) or 0)

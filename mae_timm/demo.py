@@ -1,7 +1,7 @@
 """``mae-timm demo``: the whole pipeline in a few minutes on a CPU, with nothing downloaded, and an honest verdict.
 
 Bundled Fashion-MNIST sample (``mae_timm/assets``) -> shards (``mae_timm.data.write_source``) -> MAE pretraining
-(``mae_timm.engine.pretrain``) -> kNN of the pretrained encoder at a few points of the run, of the same encoder at
+(``mae_timm.engine.train.pretrain``) -> kNN of the pretrained encoder at a few points of the run, of the same encoder at
 random init and of raw pixels -> a short fine-tune of the pretrained encoder and of the same architecture from
 scratch, same recipe and budget -> which wins, ``summary.json``, reconstruction grid, loss and accuracy curves.
 """
@@ -15,9 +15,7 @@ from pathlib import Path
 
 from mae_timm.data import GpuAugment, create_loader, fashion_mnist, write_source
 from mae_timm.engine.checkpoint import list_checkpoints, load_model
-from mae_timm.engine.config import PretrainConfig
-from mae_timm.engine.eval_setup import input_channels, input_size
-from mae_timm.engine.evaluate import (
+from mae_timm.engine.eval.evaluate import (
     EvalData,
     FinetuneConfig,
     KnnConfig,
@@ -26,8 +24,9 @@ from mae_timm.engine.evaluate import (
     scratch_model,
     write_result,
 )
-from mae_timm.engine.pretrain import pretrain
-from mae_timm.engine.runtime import atomic_write
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.engine.train.pretrain import pretrain
+from mae_timm.utils import atomic_write
 from mae_timm.viz import save_loss_curve, save_reconstruction_grid
 
 __all__ = ["ASSETS", "DemoConfig", "run_demo", "save_accuracy_curve"]
@@ -56,7 +55,7 @@ class DemoConfig:
     blr: float = 1.5e-3  # 10x the paper's 1.5e-4: a run of a few hundred steps has to move fast
     crop_scale_min: float = 0.5  # small centred images: ImageNet's 0.2 crops away most of the garment
     # None: one epoch (TRAIN_IMAGES // batch_size updates) when the run is longer than that, else none; a value
-    # given must be below the run's epochs (the one warmup rule, mae_timm.engine.runtime.check_warmup)
+    # given must be below the run's epochs (the one warmup rule, mae_timm.utils.settings.check_warmup)
     warmup_epochs: int | None = None
     knn_points: int = 4  # kNN of the encoder at this many evenly spaced points of the run (accuracy vs updates)
     finetune_epochs: int = 2  # fine-tune budget of both the pretrained encoder and scratch (78 updates of 128)
@@ -177,8 +176,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print("[5/5] figures")
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    val_loader = create_loader(str(shard_dir), "validation", 8, train=False, img_size=input_size(model),
-                               num_workers=0, crop_pct=1.0, in_chans=input_channels(model))
+    val_loader = create_loader(str(shard_dir), "validation", 8, train=False, img_size=model.input_size(),
+                               num_workers=0, crop_pct=1.0, in_chans=model.input_channels())
     imgs = GpuAugment(mean, std)(next(iter(val_loader))[0])
     grid = save_reconstruction_grid(model, imgs, run_dir / "reconstruction.png", mask_ratio=0.75, seed=cfg.seed,
                                     mean=mean, std=std)

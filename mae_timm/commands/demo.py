@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mae_timm.demo import DemoConfig, run_demo
-from mae_timm.engine.config import add_config_arguments, config_from_args
+from mae_timm.utils.settings import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from mae_timm.engine.config import add_config_arguments, config_from_args
-from mae_timm.engine.evaluate import PROTOCOLS, EvalData, evaluate_checkpoint
+from mae_timm.engine.eval.evaluate import PROTOCOLS, EvalData, evaluate_checkpoint
+from mae_timm.utils.settings import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from mae_timm.engine.config import PretrainConfig, add_config_arguments, config_from_args
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.utils.settings import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace, name: str) -> int:
-    from mae_timm.engine.pretrain import pretrain
+    from mae_timm.engine.train.pretrain import pretrain
 
     pretrain(config_from_args(PretrainConfig, args))  # user errors reach mae_timm.cli: one line, exit code 2
     return 0

@@ -12,7 +12,6 @@ from PIL import Image
 from mae_timm.data import GpuAugment, center_crop
 from mae_timm.data.decode import IMAGE_MODES
 from mae_timm.engine.checkpoint import load_model
-from mae_timm.engine.eval_setup import input_channels
 from mae_timm.viz import save_reconstruction_grid
 
 
@@ -44,7 +43,7 @@ def load_images(
 def run(args: argparse.Namespace, name: str) -> int:
     model, _ = load_model(args.checkpoint)
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    imgs = load_images(args.image, model.patch_embed.img_size[0], mean, std, input_channels(model))
+    imgs = load_images(args.image, model.patch_embed.img_size[0], mean, std, model.input_channels())
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "reconstruction.png"
     save_reconstruction_grid(model, imgs, out, mask_ratio=args.mask_ratio, seed=args.seed, mean=mean, std=std)
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Write samples to WebDataset tar shards plus an ``_info.json`` that timm's ``wds/`` reader understands.
 
 Each shard is written to a temp file beside it (``.<name>.<pid>.part``) and renamed when complete
-(``mae_timm.engine.runtime.atomic_write``), so a shard with its final name is whole.
+(``mae_timm.utils.files.atomic_write``), so a shard with its final name is whole.
 The assignment of samples to shards is fixed by (samples, seed, shard sizes) before anything is written; a
 rerun keeps every shard that already holds exactly its planned keys and still has the sha256 that ``_info.json``
 records, and writes the rest (a damaged shard is rewritten). Tar headers carry a fixed mtime, so the same input
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
-from mae_timm.engine.runtime import atomic_write
+from mae_timm.utils import atomic_write
 
 __all__ = [
     "INFO_NAME",
@@ -126,7 +126,7 @@ def _intact_digest(path: Path, keys: list[str], recorded: str | None) -> str | N
 
 
 def _write_shard(path: Path, samples: Iterable[Sample]) -> None:
-    """Write one shard atomically (:func:`~mae_timm.engine.runtime.atomic_write`)."""
+    """Write one shard atomically (:func:`~mae_timm.utils.files.atomic_write`)."""
     with atomic_write(path, "wb") as f, TarWriter(f, encoder=False, mtime=0) as sink:
         for sample in samples:
             sink.write(_encode(sample))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mae_timm.engine.runtime import derive_seed
+from mae_timm.utils import derive_seed
 
 __all__ = ["SyntheticImages"]
 

@@ -1,20 +1,15 @@
-"""The engine: settings (``config``), shared plumbing (``runtime``: user errors, devices, autocast, seeds, atomic
-files, the warmup rule), checkpoints (``checkpoint``), the pretraining loop (``pretrain``) with its run folder
-(``run_output``) and resume choice (``resume``), evaluation (``evaluate``), export (``export``) and process-group
-helpers (``distributed``).
+"""The engine: pretraining (``engine.train``), evaluation (``engine.eval``), checkpoints and export.
 
-``from mae_timm.engine.pretrain import pretrain`` runs pretraining; the function is not re-exported here, where
-it would hide its module of the same name.
+- ``engine.train``: the settings of a run (``config``), the update (``trainer.Trainer.step``), the run loop
+  (``loop``), the setup that reads top to bottom (``pretrain``), and what a run writes and resumes from;
+- ``engine.eval``: kNN, linear probe and fine-tuning, each file with its settings, their shared setup
+  (``common``), the baselines, and the entry points (``evaluate``);
+- ``checkpoint``: atomic checkpoints and rebuilding a model from one; ``export``: timm / HF folders.
+
+Plumbing (user errors, devices, seeds, atomic files, the settings system) is on the ground floor, ``mae_timm.utils``.
 """
 
 from mae_timm.engine.checkpoint import find_latest_checkpoint, load_checkpoint, load_model, save_checkpoint
-from mae_timm.engine.config import PretrainConfig, load_config
+from mae_timm.engine.train.config import PretrainConfig
 
-__all__ = [
-    "PretrainConfig",
-    "find_latest_checkpoint",
-    "load_checkpoint",
-    "load_config",
-    "load_model",
-    "save_checkpoint",
-]
+__all__ = ["PretrainConfig", "find_latest_checkpoint", "load_checkpoint", "load_model", "save_checkpoint"]

@@ -18,8 +18,8 @@ import numpy as np
 import timm
 import torch
 
-from mae_timm.engine.runtime import NonFiniteLossError, UserError, atomic_write, fsync_dir
 from mae_timm.models.factory import create_model_from_record
+from mae_timm.utils import NonFiniteLossError, UserError, atomic_write, fsync_dir
 
 __all__ = [
     "capture_rng_state",
@@ -54,7 +54,7 @@ def list_checkpoints(run_dir: str | Path, up_to: int | None = None) -> list[Path
 
 
 def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Path:
-    """Write ``state`` to ``path`` with :func:`~mae_timm.engine.runtime.atomic_write` (temp file, fsync, rename).
+    """Write ``state`` to ``path`` with :func:`~mae_timm.utils.files.atomic_write` (temp file, fsync, rename).
 
     A crash at any moment leaves either the old files or the complete new one, never a truncated ``path``.
     With ``link_last``, ``last.pt`` next to it is atomically re-pointed (hard link) at the new file.

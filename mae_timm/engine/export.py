@@ -32,7 +32,7 @@ from timm.models import get_model_input_config
 from timm.models._hub import save_for_hf
 
 import mae_timm
-from mae_timm.engine.runtime import UserError, atomic_write, fsync_dir
+from mae_timm.utils import UserError, atomic_write, fsync_dir
 
 __all__ = [
     "atomic_folder",

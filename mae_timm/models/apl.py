@@ -190,7 +190,7 @@ class APLViT(PretextModel, nn.Module):
         self.num_positions = self.patch_embed.num_patches
         self.depth, self.num_heads, self.mlp_ratio, self.qkv_bias = depth, num_heads, float(mlp_ratio), qkv_bias
         self.patch_drop_rate = patch_drop_rate
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         self.blocks = nn.Sequential(*[
             Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                   drop_path=dpr[i], norm_layer=LayerNorm)

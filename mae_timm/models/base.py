@@ -14,9 +14,13 @@ A pretext model is an ``nn.Module`` (usually a timm ``VisionTransformer`` subcla
   * has ``patch_embed`` (``img_size``, ``patch_size``, ``grid_size``, ``num_patches``: the token grid; ``noise``
     is (N, ``num_patches``)) and ``forward_features(imgs)``: the encoder's tokens of the whole image;
   * implements ``encoder_kwargs()`` and ``encoder_state_dict()``: the timm ``VisionTransformer`` that holds the
-    encoder, and its weights (they load ``strict=True`` into it, and its ``forward_features`` equals the model's).
+    encoder, and its weights (they load ``strict=True`` into it, and its ``forward_features`` equals the model's);
+  * has timm's ``pretrained_cfg`` with the ``mean`` / ``std`` its inputs are normalised with.
+What the engine reads besides: :meth:`PretextModel.input_size` and :meth:`PretextModel.input_channels` (the images
+its loaders produce), both derived from ``encoder_kwargs()``. The engine admits any model that honours this
+contract (:func:`is_pretext_model`), wherever it is defined.
 Pixel models (``predicts_pixels = True``) also hold ``norm_pix_loss``, the one switch of the loss target.
-``tests/test_models_registry.py`` checks every model a ``mae_timm`` module registers against this contract.
+``tests/models/test_models_registry.py`` checks every model a ``mae_timm`` module registers against this contract.
 """
 
 from __future__ import annotations
@@ -76,6 +80,15 @@ class PretextModel:
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm ``VisionTransformer`` names; load ``strict=True`` into it."""
         raise NotImplementedError
+
+    def input_size(self) -> int:
+        """The side in pixels of the (square) images the encoder takes: ``encoder_kwargs()['img_size']``."""
+        size = self.encoder_kwargs()["img_size"]
+        return size if isinstance(size, int) else size[0]
+
+    def input_channels(self) -> int:
+        """The channels of the images the encoder takes: 3, or 1 for grayscale (``encoder_kwargs()['in_chans']``)."""
+        return self.encoder_kwargs().get("in_chans", 3)  # timm's VisionTransformer default
 
 
 def is_pretext_model(model: object) -> bool:

@@ -1,0 +1,101 @@
+"""kNN accuracy of frozen features (Wu et al. 2018, as used by DINO).
+
+Cosine similarity of L2-normalised features (:func:`~mae_timm.engine.eval.common.encoder_features`, or raw pixels);
+the ``k`` nearest training samples vote for their class with weight ``exp(similarity / temperature)``. The memory
+bank and the queries sit on the evaluation device. Top-1 is also reported for every k in ``KnnConfig.report_k``
+(one neighbour search serves all of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mae_timm.engine.eval.common import GLOBAL_POOLS, encoder_features, frozen_features, normalizer, topk_accuracy
+from mae_timm.utils import UserError
+from mae_timm.utils.settings import check_settings
+
+__all__ = ["knn_evaluate", "knn_on_features", "knn_scores"]
+
+
+@dataclass
+class KnnConfig:
+    """Weighted kNN on frozen features (Wu et al. 2018, as used by DINO)."""
+
+    k: int = 20  # neighbours that vote (the reported top1 / top5)
+    temperature: float = 0.07  # a neighbour's vote is exp(cosine similarity / temperature)
+    report_k: tuple[int, int, int] = (10, 20, 200)  # also report top-1 at these k (top1_by_k), from the same search
+    global_pool: str = "avg"  # 'avg': mean of the patch tokens (every model has them); 'token': the class token
+    feature_blocks: int = 1  # concatenate the pooled tokens of the last N blocks (each through the final norm)
+
+    def __post_init__(self):  # k and temperature: knn_evaluate checks them
+        check_settings(self, dict(global_pool=GLOBAL_POOLS))
+
+
+@torch.no_grad()
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    num_classes: int,
+    *,
+    k: int | tuple[int, ...] = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> torch.Tensor | dict[int, torch.Tensor]:
+    """Weighted kNN votes: bank (M, D) + labels (M,), queries (Q, D) -> class scores (Q, num_classes).
+
+    ``k`` a tuple: ``{k: scores (Q, num_classes)}`` for each, from one search of the ``max(k)`` nearest.
+    """
+    ks = (k,) if isinstance(k, int) else tuple(k)
+    bank = F.normalize(train_features.float(), dim=1)
+    nearest = min(max(ks), bank.shape[0])
+    scores = {each: [] for each in ks}
+    for queries in F.normalize(query_features.float(), dim=1).split(chunk_size):
+        similarity, index = (queries @ bank.T).topk(nearest, dim=1)  # (q, nearest), most similar first
+        weights, classes = (similarity / temperature).exp(), train_labels[index]
+        for each in ks:
+            votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+            scores[each].append(votes.scatter_add_(1, classes[:, :each], weights[:, :each]))
+    scores = {each: torch.cat(chunks) for each, chunks in scores.items()}
+    return scores[k] if isinstance(k, int) else scores
+
+
+def knn_on_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    cfg: KnnConfig,
+    device,
+) -> dict:
+    """kNN accuracy of cached features: top-1/top-5 at ``cfg.k`` and ``top1_by_k`` for ``cfg.report_k``."""
+    if cfg.k < 1 or cfg.temperature <= 0 or min(cfg.report_k) < 1:
+        raise UserError(f"kNN needs k >= 1 and temperature > 0, got k={cfg.k}, report_k={cfg.report_k}, "
+                        f"temperature={cfg.temperature}")  # fmt: skip
+    device = torch.device(device)
+    ks = tuple(sorted({cfg.k, *cfg.report_k}))
+    scores = knn_scores(
+        train_features.to(device), train_labels.to(device), val_features.to(device), num_classes,
+        k=ks, temperature=cfg.temperature,
+    )  # fmt: skip
+    by_k = {str(k): topk_accuracy(scores[k].cpu(), val_labels, ks=(1,))["top1"] for k in ks}
+    return dict(
+        topk_accuracy(scores[cfg.k].cpu(), val_labels), top1_by_k=by_k, feature_dim=train_features.shape[1],
+        num_train=len(train_labels), num_val=len(val_labels),
+    )  # fmt: skip
+
+
+def knn_evaluate(
+    model: nn.Module, train_loader: Iterable, val_loader: Iterable, num_classes: int, cfg: KnnConfig, device
+) -> dict:
+    """kNN accuracy of a pretext model's encoder on ``val_loader`` with ``train_loader`` as the memory bank."""
+    device = torch.device(device)
+    features = encoder_features(model, cfg.global_pool, cfg.feature_blocks)
+    cached = frozen_features(features, normalizer(model, device), train_loader, val_loader, device)
+    return knn_on_features(*cached, num_classes, cfg, device)

@@ -1,0 +1,73 @@
+"""What a pretraining run trains: the pretext model of the settings (checked against the contract) and its
+optimizer + schedule."""
+
+from __future__ import annotations
+
+import json
+
+import timm
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.models.base import is_pretext_model
+from mae_timm.models.factory import create_model_from_record, model_record
+from mae_timm.utils import UserError
+
+__all__ = ["build_model", "create_optimizer_and_schedule"]
+
+
+def build_model(cfg: PretrainConfig) -> tuple[nn.Module, dict]:
+    """The settings' pretext model -> (model, the :func:`~mae_timm.models.factory.model_record` that rebuilds it).
+
+    ``img_size`` builds the model at that size (the encoder's, for a named timm ViT), so loader and model agree.
+    Pixel models (``predicts_pixels``) get ``norm_pix_loss``, recorded in the record's ``model_kwargs`` (what the
+    checkpoint holds); other pretext models have no such switch. A model that does not honour the contract is
+    refused before its weights are allocated (a meta-device build), wherever it is defined.
+    """
+    sized = dict(img_size=cfg.img_size) if cfg.img_size else {}
+    if cfg.pretext:
+        record = model_record(cfg.model, cfg.model_kwargs, cfg.pretext, cfg.encoder, dict(cfg.encoder_kwargs, **sized))
+    else:
+        record = model_record(cfg.model, dict(cfg.model_kwargs, **sized))
+    name = record["model_name"]
+    registered = ", ".join(timm.list_models(["mae_*", "apl_*"]))
+    if record["pretext"] is None and name not in timm.list_models():
+        raise UserError(f"unknown model {name!r}; pretext models: {registered}")
+    try:
+        with torch.device("meta"):  # the contract is checked at once: building a ViT-H for real takes a minute
+            honours_contract = is_pretext_model(create_model_from_record(record))
+        if honours_contract:
+            model = create_model_from_record(record)
+    except TypeError as e:  # a keyword argument the model does not take
+        kwargs = json.dumps(record["model_kwargs"])
+        raise UserError(f"{name} cannot be built with --model-kwargs {kwargs}: {e}") from None
+    if not honours_contract:
+        raise UserError(f"{name} is not a pretext model; pretext models: {registered}, or any timm ViT with "
+                        f"--pretext mae|early_mask --encoder {name}")
+    img_size, patch_size = tuple(model.patch_embed.img_size), tuple(model.patch_embed.patch_size)
+    if any(i % p for i, p in zip(img_size, patch_size)):
+        raise UserError(f"img_size {img_size[0]} is not a multiple of the patch size {patch_size[0]} of {name}")
+    if model.predicts_pixels:
+        # the flag only selects the loss target, so setting it after construction equals passing it as a kwarg
+        model.norm_pix_loss = record["model_kwargs"]["norm_pix_loss"] = cfg.norm_pix_loss
+    return model, record
+
+
+def create_optimizer_and_schedule(model: nn.Module, cfg: PretrainConfig, lr: float, updates_per_epoch: int,
+                                  fused: bool = False):
+    """AdamW (timm: no decay on 1-d params and ``model.no_weight_decay()``) and the per-update warmup + cosine.
+
+    ``fused``: torch's fused AdamW kernel (CUDA); otherwise torch's default implementation.
+    """
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                    **(dict(fused=True) if fused else {}))
+    # MAE: the cosine spans the epochs after warmup, so the warmup is a prefix of the `epochs` total
+    scheduler, _ = create_scheduler_v2(
+        optimizer, "cosine", num_epochs=cfg.epochs - cfg.warmup_epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_prefix=True, warmup_lr=0.0, min_lr=cfg.min_lr, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return optimizer, scheduler

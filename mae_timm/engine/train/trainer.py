@@ -1,0 +1,154 @@
+"""One pretraining update: :meth:`Trainer.step`, the math only, as the official ``engine_pretrain.py`` reads.
+
+Forward under autocast, scaled backward with gradient accumulation (DDP all-reduces on the last micro-batch only),
+clip, optimizer step, schedule. No update waits for the device: the statistics come back as device tensors, and
+the run loop (``loop.py``) reads them one update later.
+
+``compile``: ``off``, ``default`` (inductor kernels), ``max-autotune`` (autotuned matmuls, CUDA graphs),
+``reduce-overhead`` (inductor plus CUDA graphs of the forward and backward), or ``auto``: ``off`` on the CPU and
+``default`` on CUDA. Shapes are static (``dynamic=False``): the training loader yields full batches only and the
+masks keep exactly ``len_keep`` tokens per sample, so one graph serves every update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mae_timm.data import GpuAugment
+from mae_timm.engine.checkpoint import capture_rng_state, load_weights, restore_rng_state
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.engine.train.distributed import DistInfo
+from mae_timm.engine.train.model_setup import create_optimizer_and_schedule
+from mae_timm.utils import UserError, autocast, autocast_dtype
+
+__all__ = ["COMPILE_MODES", "Trainer", "build_trainer", "compile_model", "resolve_compile"]
+
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+_BOOLEANS = {"true": "default", "false": "off"}  # the setting's old form (compile: true / false) still reads
+
+
+@dataclass
+class Trainer:
+    """The model and what updates it; ``state_dict`` / ``load_state_dict`` are a checkpoint's content."""
+
+    model: nn.Module  # the bare model: its state_dict is what checkpoints hold
+    train_model: nn.Module  # the model as called: DDP and / or torch.compile around `model`
+    ddp_model: DistributedDataParallel | None
+    augment: nn.Module  # uint8 (N, C, H, W) -> cropped, flipped, normalised float, on the device
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype | None  # None: fp32
+    mask_ratio: float | None  # None: the model takes no mask ratio (APL)
+    clip_grad: float | None
+    device: torch.device
+
+    def step(self, update: int, micro_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Update number ``update`` (from 0) from its micro-batches (uint8 (N, C, H, W) each) -> this process's
+        statistics as () device tensors: ``loss`` and the model's ``out.metrics`` (means over the micro-batches),
+        ``grad_norm`` when clipping. Nothing here waits for the device."""
+        self.scheduler.step_update(update)
+        kwargs = {} if self.mask_ratio is None else dict(mask_ratio=self.mask_ratio)
+        sums = {"loss": torch.zeros((), device=self.device)}
+        for i, imgs in enumerate(micro_batches):
+            imgs = self.augment(imgs.to(self.device, non_blocking=True))  # uint8 -> cropped, flipped, normalised
+            last = i == len(micro_batches) - 1  # DDP all-reduces the gradients on the last micro-batch only
+            with contextlib.nullcontext() if self.ddp_model is None or last else self.ddp_model.no_sync():
+                with autocast(self.device, self.autocast_dtype):
+                    out = self.train_model(imgs, **kwargs)
+                self.scaler.scale(out.loss / len(micro_batches)).backward()
+            for name, value in dict(loss=out.loss, **out.metrics).items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+        stats = {name: total / len(micro_batches) for name, total in sums.items()}
+        if self.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            stats["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)  # a tensor
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the last update (the schedule sets it at the start of each)."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """The model, optimizer, schedule, scaler and RNG states, as plain values and tensors (``weights_only``)."""
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), rng=capture_rng_state())
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Restore what :meth:`state_dict` wrote (the checkpoint was checked by ``resume.check_resumable``)."""
+        load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one line, not 75
+        # this run's AdamW kernel (fused on CUDA) wins over the one the checkpoint was written with
+        kernel = [{key: group[key] for key in ("foreach", "fused")} for group in self.optimizer.param_groups]
+        saved = ckpt["optimizer"]
+        groups = [dict(group, **chosen) for group, chosen in zip(saved["param_groups"], kernel, strict=True)]
+        self.optimizer.load_state_dict(dict(saved, param_groups=groups))
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"])
+
+
+def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: float, updates_per_epoch: int,
+                  compile_mode: str) -> Trainer:
+    """What updates ``model`` (on its device, in train mode) as ``cfg`` says: DDP and ``torch.compile`` around it,
+    the device augmentation, AdamW (fused on CUDA) + schedule, the gradient scaler and autocast.
+    ``compile_mode``: :func:`resolve_compile` of ``cfg.compile``."""
+    optimizer, scheduler = create_optimizer_and_schedule(
+        model, cfg, lr, updates_per_epoch, fused=info.device.type == "cuda",  # one kernel; the CPU: torch's default
+    )
+    ddp_model = None
+    if info.distributed:  # gradients are all-reduced during backward
+        ddp_model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
+    dtype = autocast_dtype(cfg.precision, info.device)
+    return Trainer(
+        model=model,
+        train_model=compile_model(ddp_model or model, compile_mode),
+        ddp_model=ddp_model,
+        augment=GpuAugment(  # uint8 -> RandomResizedCrop + flip -> normalised float, on the device
+            model.pretrained_cfg["mean"], model.pretrained_cfg["std"], img_size=model.input_size(),
+            random_crop=True, scale=(cfg.crop_scale_min, 1.0), hflip=0.5 * cfg.hflip,
+        ).to(info.device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(info.device.type, enabled=dtype is torch.float16),
+        autocast_dtype=dtype,
+        mask_ratio=cfg.mask_ratio if model.takes_mask_ratio else None,
+        clip_grad=cfg.clip_grad,
+        device=info.device,
+    )
+
+
+def resolve_compile(setting: str | bool, device: torch.device) -> str:
+    """The ``compile`` setting -> one of :data:`COMPILE_MODES` for this run.
+
+    ``auto`` is ``off`` on the CPU (minutes of compiling for little gain on small models) and ``default`` on CUDA:
+    the fused kernels without CUDA graphs, which works with DDP, accumulation and every mask type, and costs no
+    memory beyond eager. ``reduce-overhead`` (CUDA graphs) is the faster choice for small, launch-bound models.
+    """
+    name = str(setting).lower()
+    name = _BOOLEANS.get(name, name)
+    if name == "auto":
+        return "default" if device.type == "cuda" else "off"
+    if name not in COMPILE_MODES:
+        raise UserError(f"compile {setting!r} is unknown; choose auto, {', '.join(COMPILE_MODES)} (or true / false)")
+    return name
+
+
+def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
+    """``model`` under ``torch.compile`` in ``mode`` with static shapes, or ``model`` itself when ``mode`` is off.
+
+    ``backend`` other than inductor (``aot_eager`` in the CPU tests: the same graphs, forward and backward, run by
+    eager kernels) takes no mode.
+    """
+    if mode == "off":
+        return model
+    options = dict(mode=mode) if backend == "inductor" else {}
+    return torch.compile(model, backend=backend, dynamic=False, **options)

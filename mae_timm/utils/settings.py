@@ -1,0 +1,184 @@
+"""Settings as dataclasses, read from defaults < a YAML file (``--config``) < command-line options.
+
+Every field of a settings dataclass becomes an option: ``blr`` -> ``--blr``, ``batch_size`` -> ``--batch-size``,
+booleans get ``--x/--no-x``, dicts take JSON (``--model-kwargs '{"drop_path_rate": 0.1}'``). The YAML file uses
+the field names as keys. Model architecture stays in timm kwargs (``model_kwargs``), not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+from mae_timm.utils.errors import UserError
+from mae_timm.utils.files import atomic_write
+
+__all__ = [
+    "Allowed", "above", "add_config_arguments", "at_least", "check_settings", "check_warmup",
+    "config_from_args", "fraction", "load_config", "one_of", "save_config",
+]
+
+
+class Allowed(NamedTuple):
+    """What a setting may be: a test of one value and its wording for the error message."""
+
+    test: Callable[[object], bool]
+    text: str
+
+
+def at_least(low: float) -> Allowed:
+    return Allowed(lambda v: v >= low, f"at least {low}")
+
+
+def above(low: float) -> Allowed:
+    return Allowed(lambda v: v > low, f"above {low}")
+
+
+def fraction(*, zero: bool = False, one: bool = False) -> Allowed:
+    """A value between 0 and 1, each end included when asked."""
+    return Allowed(lambda v: (0 <= v if zero else 0 < v) and (v <= 1 if one else v < 1),
+                   f"in {'[' if zero else '('}0, 1{']' if one else ')'}")
+
+
+def one_of(*choices) -> Allowed:
+    return Allowed(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_settings(config, rules: dict[str, Allowed], options: dict[str, str] | None = None) -> None:
+    """Raise UserError naming the first setting of ``config`` outside its rule (None passes: optional settings;
+    each item of a tuple is checked). Settings dataclasses call this once, when they are built. ``options``: the
+    command-line option of a field where it is not ``--field-name``."""
+    for name, allowed in rules.items():
+        value = getattr(config, name)
+        if value is not None and not all(allowed.test(v) for v in (value if isinstance(value, tuple) else (value,))):
+            option = (options or {}).get(name, _option_name(name))
+            raise UserError(f"setting {name} ({option}) is {value!r}; it must be {allowed.text}")
+
+
+
+def check_warmup(warmup: int, total: int, unit: str = "epochs") -> int:
+    """The one warmup rule: 0 <= warmup < total, so the cosine decay after it gets at least one ``unit``."""
+    if not 0 <= warmup < total:
+        raise UserError(
+            f"warmup of {warmup} {unit} must be at least 0 and below the {total} {unit} of the schedule: "
+            "the cosine decay after the warmup needs at least one"
+        )
+    return warmup
+
+
+def _option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp):
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp, value):
+    """Turn a YAML or command-line value into the field's type, with a one-line error naming the setting."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise UserError(f"setting '{name}' cannot be empty")
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+        if tp is dict or typing.get_origin(tp) is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
+        if typing.get_origin(tp) is tuple:
+            item_types = typing.get_args(tp)
+            value = value.split(",") if isinstance(value, str) else value
+            if len(value) != len(item_types):
+                raise ValueError(value)
+            return tuple(_coerce(name, t, v) for t, v in zip(item_types, value, strict=True))
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise UserError(f"setting '{name}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    raise TypeError(f"setting '{name}': unsupported type {tp}")
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
+    """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides`` (field name -> value)."""
+    types_ = _field_types(cls)
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:  # a syntax error, or a tag (!!python/...) that safe_load refuses
+            problem = getattr(e, "problem", None) or type(e).__name__
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"config file {path} is not plain YAML: {problem}{where}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of setting: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(types_)}")
+    return cls(**{name: _coerce(name, types_[name], value) for name, value in values.items()})
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add ``--config`` and one option per field of ``cls`` (help = the field's default)."""
+    parser.add_argument("--config", default=None, help="YAML file of settings (command-line options override it)")
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    for name, tp in _field_types(cls).items():
+        f = defaults[name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        base, _ = _strip_optional(tp)
+        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=f"default: {default}")
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is tuple:
+            kwargs["nargs"] = len(typing.get_args(base))
+            kwargs["metavar"] = tuple(t.__name__.upper() for t in typing.get_args(base))
+        else:
+            kwargs["metavar"] = "JSON" if base is dict else getattr(base, "__name__", "VALUE").upper()
+        parser.add_argument(_option_name(name), **kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """The settings given by ``--config`` plus the options the user typed (others keep the file's or defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {name: value for name, value in vars(args).items() if name in names}
+    return load_config(cls, getattr(args, "config", None), overrides)
+
+
+def save_config(config, path: str | Path) -> None:
+    """Write ``config`` as YAML that ``load_config`` reads back to an equal object."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    with atomic_write(path, "w") as f:
+        f.write(yaml.safe_dump(values, sort_keys=False))
