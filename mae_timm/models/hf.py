@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from mae_timm.models.mae import MaskedAutoencoderViT
+from mae_timm.models.mae import MaskedAutoencoderViT, checkpoint_filter_fn
 
 __all__ = ["hf_image_processor", "hf_to_mae_timm", "mae_timm_from_hf", "mae_timm_to_hf"]
 
@@ -241,7 +241,7 @@ def mae_timm_from_hf(hf_model_or_folder, **overrides) -> MaskedAutoencoderViT:
     """
     model_kwargs, state = hf_to_mae_timm(hf_model_or_folder)
     model = timm.create_model("mae_vit_base_patch16", **dict(model_kwargs, **overrides))
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint_filter_fn(state, model))  # resamples the pos tables to the new size
     return model.train(isinstance(hf_model_or_folder, nn.Module) and hf_model_or_folder.training)
 
 

@@ -125,29 +125,13 @@ class MaskedAutoencoderViT(PretextViT):
         loss = self.forward_loss(imgs, pred, mask)
         return ReconstructionOutput(loss, pred, mask)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Official checkpoints load as they are: pos tables are resampled to this model's grid, and an
-        encoder-only release loads with a warning that the decoder stays randomly initialised."""
-        state_dict = checkpoint_filter_fn(state_dict, self)
-        if strict and not any(k.startswith(self.pretext_keys) for k in state_dict):
-            warnings.warn(
-                "mae_timm: checkpoint holds the encoder only; the decoder stays randomly initialised", stacklevel=2
-            )
-            result = super().load_state_dict(state_dict, strict=False, assign=assign)
-            missing = [k for k in result.missing_keys if not k.startswith(self.pretext_keys)]
-            if missing or result.unexpected_keys:
-                raise RuntimeError(
-                    f"encoder checkpoint does not match the model: missing {missing}, "
-                    f"unexpected {result.unexpected_keys}"
-                )
-            return result
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
 
 def checkpoint_filter_fn(state_dict: dict, model: MaskedAutoencoderViT) -> dict:
     """Take an official / mae_timm state dict (optionally wrapped in {'model': ...}) to this model's shapes:
     classifier keys of fine-tuned checkpoints are dropped (``fc_norm`` too unless the encoder has one), pos
-    tables resampled to the model's grid (2-D bicubic, prefix rows kept)."""
+    tables resampled to the model's grid (2-D bicubic, prefix rows kept). An encoder-only release (the official
+    pretraining checkpoints) keeps the model's freshly initialised decoder, with one warning, so the strict load
+    still checks every encoder key."""
     state_dict = state_dict.get("model", state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     dropped = ("head.",) if model.fc_norm.state_dict() else ("head.", "fc_norm.")
@@ -163,6 +147,10 @@ def checkpoint_filter_fn(state_dict: dict, model: MaskedAutoencoderViT) -> dict:
         if key in tables and value.shape != tables[key][0].shape:
             value = resample_pos_embed(value, model.patch_embed.grid_size, num_prefix_tokens=tables[key][1])
         out[key] = value
+    if not any(k.startswith(model.pretext_keys) for k in out):
+        warnings.warn("mae_timm: checkpoint holds the encoder only; the decoder stays randomly initialised",
+                      stacklevel=2)
+        out.update({k: v for k, v in model.state_dict().items() if k.startswith(model.pretext_keys)})
     return out
 
 
@@ -200,9 +188,10 @@ default_cfgs = generate_default_cfgs(
 
 def _create_mae(variant: str, pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
     check_head_kwargs(kwargs)  # before timm's factory turns features_only into a cryptic wrapper error
-    # no pretrained_filter_fn: MaskedAutoencoderViT.load_state_dict applies checkpoint_filter_fn on every path
-    # (pretrained=True, checkpoint_path=, a plain load_state_dict), so it runs once
-    return build_model_with_cfg(MaskedAutoencoderViT, variant, pretrained, **kwargs)
+    # official releases (encoder only, other grids) load through the filter: pretrained=True, or
+    # pretrained_cfg_overlay=dict(file=...); checkpoint_path= loads exactly, as timm does for every model
+    return build_model_with_cfg(MaskedAutoencoderViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **kwargs)
 
 
 # The official configurations: a timm ViT with cls token and token pooling, the fixed sin-cos table and MAE's

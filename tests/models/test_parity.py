@@ -493,14 +493,14 @@ def test_official_full_checkpoint_loads_strictly(tmp_path, loader):
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
-@pytest.mark.parametrize("loader", LOADERS)
-def test_official_encoder_only_checkpoint_warns_once(tmp_path, loader):
+def test_official_encoder_only_checkpoint_warns_once(tmp_path):
+    """timm's route for released weights (``pretrained_cfg_overlay=dict(file=...)``) runs the checkpoint filter."""
     state = official_state_dict()
     torch.save({"model": {k: state[k] for k in OFFICIAL_ENCODER_KEYS}}, tmp_path / "encoder.pth")
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = load_with(loader, tmp_path / "encoder.pth", **TINY)
+        model = load_with("pretrained_file", tmp_path / "encoder.pth", **TINY)
     assert len(decoder_warnings(caught)) == 1
     torch.manual_seed(0)
     fresh = timm.create_model("mae_vit_base_patch16", **TINY).state_dict()
@@ -509,12 +509,23 @@ def test_official_encoder_only_checkpoint_warns_once(tmp_path, loader):
     assert all(torch.equal(loaded[k], fresh[k]) for k in OFFICIAL_DECODER_KEYS)  # the decoder stays as initialised
 
 
-@pytest.mark.parametrize("loader", LOADERS)
+def test_checkpoint_path_loads_exactly_as_timm_does(tmp_path):
+    """``checkpoint_path=`` is timm's exact load (no filter, as for every timm model): an encoder-only release or
+    another grid is refused by the strict load, naming the keys, instead of being adapted silently."""
+    state = official_state_dict()
+    torch.save({"model": {k: state[k] for k in OFFICIAL_ENCODER_KEYS}}, tmp_path / "encoder.pth")
+    with pytest.raises(RuntimeError, match="Missing key.*decoder_embed.weight"):
+        load_with("checkpoint_path", tmp_path / "encoder.pth", **TINY)
+    torch.save({"model": state}, tmp_path / "full.pth")
+    with pytest.raises(RuntimeError, match="size mismatch for pos_embed"):
+        load_with("checkpoint_path", tmp_path / "full.pth", **dict(TINY, img_size=64))
+
+
 @pytest.mark.parametrize("img_size, grid", [(64, (4, 4)), (48, (3, 3)), ((32, 64), (2, 4))])
-def test_checkpoint_at_another_size_resamples_both_tables_in_2d(tmp_path, loader, img_size, grid):
+def test_checkpoint_at_another_size_resamples_both_tables_in_2d(tmp_path, img_size, grid):
     state = official_state_dict()  # saved at 32 px, patch 16: a 2 x 2 grid
     torch.save({"model": state}, tmp_path / "full.pth")
-    model = load_with(loader, tmp_path / "full.pth", **dict(TINY, img_size=img_size))
+    model = load_with("pretrained_file", tmp_path / "full.pth", **dict(TINY, img_size=img_size))
     loaded = model.state_dict()
     for key in ("pos_embed", "decoder_pos_embed"):
         expected = resample_abs_pos_embed(
