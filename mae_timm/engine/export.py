@@ -28,7 +28,6 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from timm.models import get_model_input_config
 from timm.models._hub import save_for_hf
 
 import mae_timm
@@ -85,6 +84,11 @@ def atomic_folder(out: str | Path, allowed: set[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _vit_input_size(vit: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) a timm ViT is built for: its patch embedding's channels and image size."""
+    return (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
+
+
 def encoder_pretrained_cfg(model: nn.Module, vit: nn.Module) -> dict:
     """The timm ``pretrained_cfg`` of ``vit``, a timm model built from pretext ``model``'s encoder: the pretext
     model's preprocessing (mean/std, crop, interpolation, licence) under the encoder's architecture name, with
@@ -93,7 +97,7 @@ def encoder_pretrained_cfg(model: nn.Module, vit: nn.Module) -> dict:
     return dict(
         cfg,
         architecture=model.encoder_architecture(),
-        input_size=get_model_input_config(vit)["input_size"],
+        input_size=_vit_input_size(vit),
         fixed_input_size=True,
         num_classes=vit.num_classes,
         classifier="head",
@@ -151,7 +155,7 @@ def save_finetuned(
 @torch.no_grad()
 def _check_same_outputs(reference: nn.Module, loaded: nn.Module, out: Path) -> None:
     """Raise unless ``loaded`` (what a user gets) computes what ``reference`` computes, bit for bit."""
-    x = torch.randn(2, *get_model_input_config(reference)["input_size"])
+    x = torch.randn(2, *_vit_input_size(reference))
     if not torch.equal(loaded.eval()(x), reference(x)):
         raise ValueError(f"export not written: {out} reloaded gives other outputs than the model")
 
@@ -228,7 +232,7 @@ def _check_hf_folder(model: nn.Module, folder: Path, mask_ratio: float, out: Pat
     from transformers import ViTMAEForPreTraining
 
     loaded = ViTMAEForPreTraining.from_pretrained(folder).eval()
-    x = torch.randn(2, *get_model_input_config(model)["input_size"])
+    x = torch.randn(2, model.input_channels(), model.input_size(), model.input_size())
     noise = torch.rand(2, model.patch_embed.num_patches)
     theirs = loaded(pixel_values=x, noise=noise)
     ours = model.eval()(x, mask_ratio=mask_ratio, noise=noise)

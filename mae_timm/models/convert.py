@@ -14,8 +14,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from mae_timm.models.base import is_pretext_model
-from mae_timm.models.hf import (  # noqa: F401  (_mae_state_to_hf: the parity tests write 4.x names with it)
-    _mae_state_to_hf,
+from mae_timm.models.hf import (
     hf_image_processor,
     hf_to_mae_timm,
     mae_timm_from_hf,

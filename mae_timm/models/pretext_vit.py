@@ -69,10 +69,10 @@ def build_encoder(encoder: str | VisionTransformer, encoder_kwargs: dict) -> tup
     if not isinstance(encoder, nn.Module):
         raise ValueError(f"encoder must be a timm model name or a built timm ViT, got {type(encoder).__name__}")
     architecture = getattr(encoder, "pretrained_cfg", {}).get("architecture")
-    record = getattr(encoder, "_model_args", None)  # timm's record of the create_model kwargs (timm >= 1.0.26)
+    record = getattr(encoder, "_model_args", None)  # timm's record of the create_model kwargs (timm >= 1.0.31)
     if architecture is None or record is None:
-        raise ValueError("a built encoder must come from timm.create_model (so its name and kwargs are known); "
-                         "or pass the name and encoder_kwargs")
+        raise ValueError("a built encoder must come from timm.create_model of timm >= 1.0.31 (so its name and "
+                         "kwargs are known); or pass the name and encoder_kwargs")
     check_encoder(encoder, architecture)
     return encoder, architecture, {k: v for k, v in record.items() if k != "num_classes"}
 

@@ -152,7 +152,7 @@ def _legacy_hf_key(key: str) -> str:
 def test_transformers_4_key_names_convert():
     from transformers import ViTMAEForPreTraining
 
-    from mae_timm.models.convert import _mae_state_to_hf
+    from mae_timm.models.hf import _mae_state_to_hf
 
     hf = perturb_(ViTMAEForPreTraining(hf_config()))
     legacy = {_legacy_hf_key(k): v for k, v in hf.state_dict().items()}
