@@ -1,7 +1,7 @@
 """The baselines every pretrained encoder is measured against, through the same protocols on the same split.
 
 - Raw pixels: the flattened input image (normalised exactly as the model's input, at its input size) as the
-  feature vector, for the kNN and linear-probe protocols (:class:`RawPixels` in ``eval_setup.frozen_features``).
+  feature vector, for the kNN and linear-probe protocols (:class:`RawPixels` in ``common.frozen_features``).
 - Scratch: the same pretext architecture at random init (:func:`scratch_model`), fine-tuned with the same recipe
   and budget as the pretrained encoder; at random init it is also the kNN / linear-probe "random init" row.
 """

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mae_timm.utils import UserError
 from mae_timm.utils.device import PRECISIONS
-from mae_timm.utils.settings import above, at_least, check_settings, fraction, one_of
+from mae_timm.utils.settings import above, at_least, check_settings, check_warmup, fraction, one_of
 
-__all__ = ["PretrainConfig"]
+__all__ = ["COMPILE_MODES", "PretrainConfig"]
+
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+COMPILE_SETTINGS = ("auto", *COMPILE_MODES, "true", "false")  # true / false: the setting's old form (default / off)
 
 
 @dataclass
@@ -71,6 +75,10 @@ class PretrainConfig:
 
     def __post_init__(self):
         check_settings(self, _PRETRAIN_RULES)
+        check_warmup(self.warmup_epochs, self.epochs)
+        if str(self.compile).lower() not in COMPILE_SETTINGS:
+            raise UserError(f"compile {self.compile!r} is unknown; choose auto, {', '.join(COMPILE_MODES)} "
+                            "(or true / false)")
 
 
 _PRETRAIN_RULES = dict(

@@ -1,5 +1,4 @@
-"""What a pretraining run trains: the pretext model of the settings (checked against the contract) and its
-optimizer + schedule."""
+"""What a pretraining run trains: the pretext model of the settings, checked against the contract."""
 
 from __future__ import annotations
 
@@ -8,15 +7,13 @@ import json
 import timm
 import torch
 import torch.nn as nn
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 
 from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.models.base import is_pretext_model
 from mae_timm.models.factory import create_model_from_record, model_record
 from mae_timm.utils import UserError
 
-__all__ = ["build_model", "create_optimizer_and_schedule"]
+__all__ = ["build_model"]
 
 
 def build_model(cfg: PretrainConfig) -> tuple[nn.Module, dict]:
@@ -54,20 +51,3 @@ def build_model(cfg: PretrainConfig) -> tuple[nn.Module, dict]:
         # the flag only selects the loss target, so setting it after construction equals passing it as a kwarg
         model.norm_pix_loss = record["model_kwargs"]["norm_pix_loss"] = cfg.norm_pix_loss
     return model, record
-
-
-def create_optimizer_and_schedule(model: nn.Module, cfg: PretrainConfig, lr: float, updates_per_epoch: int,
-                                  fused: bool = False):
-    """AdamW (timm: no decay on 1-d params and ``model.no_weight_decay()``) and the per-update warmup + cosine.
-
-    ``fused``: torch's fused AdamW kernel (CUDA); otherwise torch's default implementation.
-    """
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
-                                    **(dict(fused=True) if fused else {}))
-    # MAE: the cosine spans the epochs after warmup, so the warmup is a prefix of the `epochs` total
-    scheduler, _ = create_scheduler_v2(
-        optimizer, "cosine", num_epochs=cfg.epochs - cfg.warmup_epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_prefix=True, warmup_lr=0.0, min_lr=cfg.min_lr, step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch,
-    )
-    return optimizer, scheduler

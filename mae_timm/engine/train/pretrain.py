@@ -27,12 +27,10 @@ from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.distributed import cleanup_distributed, init_distributed
 from mae_timm.engine.train.loop import StopRequest, run, update_batches
 from mae_timm.engine.train.model_setup import build_model
-from mae_timm.engine.train.resume import agree_on_resume, check_resumable
-from mae_timm.engine.train.run_lock import RunLock, lock_on_main
+from mae_timm.engine.train.resume import RunLock, agree_on_resume, check_resumable, lock_on_main
 from mae_timm.engine.train.run_output import RunOutput
-from mae_timm.engine.train.trainer import build_trainer, resolve_compile
+from mae_timm.engine.train.trainer import build_trainer
 from mae_timm.utils import NonFiniteLossError, UserError, seed_everything
-from mae_timm.utils.settings import check_warmup
 
 __all__ = ["PretrainResult", "pretrain"]
 
@@ -52,8 +50,6 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     info = init_distributed(cfg.device)
     lock = RunLock(cfg.out)  # one run writes a run folder at a time
     try:
-        check_warmup(cfg.warmup_epochs, cfg.epochs)
-        compile_mode = resolve_compile(cfg.compile, info.device)
         resumed = agree_on_resume(cfg.resume, Path(cfg.out), info.is_main)  # a used --out stops here, before work
         lock_on_main(lock, info.is_main)  # a folder another run writes stops it here: nothing was written yet
 
@@ -74,8 +70,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         # optimizer and schedule (lr = blr * global batch / 256), DDP, compile
         global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
         lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
-        trainer = build_trainer(cfg, model, info, lr=lr, updates_per_epoch=updates_per_epoch,
-                                compile_mode=compile_mode)
+        trainer = build_trainer(cfg, model, info, lr=lr, updates_per_epoch=updates_per_epoch)
 
         # resume
         step, last_checkpoint = 0, None
@@ -92,7 +87,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 print(f"resumed from {last_checkpoint} at step {step}")
             print(f"pretraining {record['model_name']} on {info.world_size} x {info.device}, global batch "
                   f"{global_batch}, lr {lr:.3g}, {updates_per_epoch} updates/epoch, {total_steps} updates, compile "
-                  f"{compile_mode}; run folder {cfg.out}")
+                  f"{trainer.compile_mode}; run folder {cfg.out}")
             output = RunOutput(cfg, record, start_step=step, total_steps=total_steps,
                                updates_per_epoch=updates_per_epoch, last_checkpoint=last_checkpoint, model=model,
                                viz_images=_viz_images(cfg, model, info.device))

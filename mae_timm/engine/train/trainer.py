@@ -17,18 +17,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 from mae_timm.data import GpuAugment
 from mae_timm.engine.checkpoint import capture_rng_state, load_weights, restore_rng_state
-from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.engine.train.config import COMPILE_MODES, PretrainConfig
 from mae_timm.engine.train.distributed import DistInfo
-from mae_timm.engine.train.model_setup import create_optimizer_and_schedule
 from mae_timm.utils import UserError, autocast, autocast_dtype
 
-__all__ = ["COMPILE_MODES", "Trainer", "build_trainer", "compile_model", "resolve_compile"]
+__all__ = [
+    "COMPILE_MODES", "Trainer", "build_trainer", "compile_model", "create_optimizer_and_schedule", "resolve_compile",
+]
 
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 _BOOLEANS = {"true": "default", "false": "off"}  # the setting's old form (compile: true / false) still reads
 
 
@@ -47,6 +49,7 @@ class Trainer:
     mask_ratio: float | None  # None: the model takes no mask ratio (APL)
     clip_grad: float | None
     device: torch.device
+    compile_mode: str  # one of COMPILE_MODES
 
     def step(self, update: int, micro_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Update number ``update`` (from 0) from its micro-batches (uint8 (N, C, H, W) each) -> this process's
@@ -96,11 +99,10 @@ class Trainer:
         restore_rng_state(ckpt["rng"])
 
 
-def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: float, updates_per_epoch: int,
-                  compile_mode: str) -> Trainer:
+def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: float,
+                  updates_per_epoch: int) -> Trainer:
     """What updates ``model`` (on its device, in train mode) as ``cfg`` says: DDP and ``torch.compile`` around it,
-    the device augmentation, AdamW (fused on CUDA) + schedule, the gradient scaler and autocast.
-    ``compile_mode``: :func:`resolve_compile` of ``cfg.compile``."""
+    the device augmentation, AdamW (fused on CUDA) + schedule, the gradient scaler and autocast."""
     optimizer, scheduler = create_optimizer_and_schedule(
         model, cfg, lr, updates_per_epoch, fused=info.device.type == "cuda",  # one kernel; the CPU: torch's default
     )
@@ -108,6 +110,7 @@ def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: 
     if info.distributed:  # gradients are all-reduced during backward
         ddp_model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
     dtype = autocast_dtype(cfg.precision, info.device)
+    compile_mode = resolve_compile(cfg.compile, info.device)
     return Trainer(
         model=model,
         train_model=compile_model(ddp_model or model, compile_mode),
@@ -123,7 +126,25 @@ def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: 
         mask_ratio=cfg.mask_ratio if model.takes_mask_ratio else None,
         clip_grad=cfg.clip_grad,
         device=info.device,
+        compile_mode=compile_mode,
     )
+
+
+def create_optimizer_and_schedule(model: nn.Module, cfg: PretrainConfig, lr: float, updates_per_epoch: int,
+                                  fused: bool = False):
+    """AdamW (timm: no decay on 1-d params and ``model.no_weight_decay()``) and the per-update warmup + cosine.
+
+    ``fused``: torch's fused AdamW kernel (CUDA); otherwise torch's default implementation.
+    """
+    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                                    **(dict(fused=True) if fused else {}))
+    # MAE: the cosine spans the epochs after warmup, so the warmup is a prefix of the `epochs` total
+    scheduler, _ = create_scheduler_v2(
+        optimizer, "cosine", num_epochs=cfg.epochs - cfg.warmup_epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_prefix=True, warmup_lr=0.0, min_lr=cfg.min_lr, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return optimizer, scheduler
 
 
 def resolve_compile(setting: str | bool, device: torch.device) -> str:
