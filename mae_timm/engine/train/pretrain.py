@@ -50,8 +50,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     info = init_distributed(cfg.device)
     lock = RunLock(cfg.out)  # one run writes a run folder at a time
     try:
+        # a folder another run writes stops here, before it is read: that run's checkpoints are not ours to judge
+        lock_on_main(lock, info.is_main)
         resumed = agree_on_resume(cfg.resume, Path(cfg.out), info.is_main)  # a used --out stops here, before work
-        lock_on_main(lock, info.is_main)  # a folder another run writes stops it here: nothing was written yet
 
         # model: the same initial weights on every rank
         seed_everything(cfg.seed)
