@@ -9,6 +9,7 @@ validation shards of class-coloured JPEGs straight away (for engine and evaluati
 from __future__ import annotations
 
 import io
+import os
 import random
 import zipfile
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ from PIL import Image
 from mae_timm.data import Sample, write_shards
 
 ROOT = "tiny-imagenet-200"
+REPO = Path(__file__).resolve().parents[1]
+# for subprocesses: this checkout's mae_timm, and one thread, as conftest sets for the tests themselves (on a shared
+# 2-core machine two threads make tiny models 10x slower; the same thread count keeps losses bit-comparable)
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
 
 
 def jpeg_bytes(rng: np.random.Generator, size: int = 64, gray: bool = False, color=None, quality: int = 90) -> bytes:

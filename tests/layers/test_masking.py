@@ -76,6 +76,17 @@ def test_same_noise_or_seed_same_result(case):
 
 
 @given(token_batches())
+def test_kept_are_the_smallest_noise(case):
+    """Ascend: every kept patch has smaller noise than every removed one (so the official code's masks reproduce)."""
+    x, ratio, seed = case
+    batch, length, _ = x.shape
+    noise = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed))
+    ids_keep, mask, _ = random_masking_ids(batch, length, ratio, noise=noise)
+    largest_kept = torch.gather(noise, 1, ids_keep).amax(1, keepdim=True) if ids_keep.shape[1] else -1.0
+    assert torch.all(noise[mask.bool()].view(batch, -1) > largest_kept)
+
+
+@given(token_batches())
 def test_samples_masked_independently(case):
     """Each sample's result depends on its own noise row only."""
     x, ratio, seed = case

@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from fakes import make_shards
+from fakes import SUBPROCESS_ENV, make_shards
 
 import mae_timm.engine.train.pretrain as pretrain_module
 from mae_timm import cli
@@ -39,17 +39,6 @@ from mae_timm.utils.settings import add_config_arguments, config_from_args, load
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
-# one thread: on a shared 2-core machine two threads make tiny models 10x slower; every run here uses one, so
-# runs in this process and in subprocesses do the same arithmetic (exact loss comparisons)
-ONE_THREAD_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +243,7 @@ def test_resume_after_kill9_reproduces_losses(hook, kill_step, num_workers, last
                "--save-every-steps", "5", "--keep-last", "2", "--viz-every-epochs", "0", "--no-tensorboard",
                "--no-progress", "--out", str(out)]
     script = KILLED_RUN.format(hook=KILL_HOOKS[hook].format(kill_step=kill_step))
-    killed = subprocess.run([sys.executable, "-c", script, *options], env=ONE_THREAD_ENV, capture_output=True,
+    killed = subprocess.run([sys.executable, "-c", script, *options], env=SUBPROCESS_ENV, capture_output=True,
                             text=True, timeout=300, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert max(read_losses(out)) == last_logged
@@ -380,7 +369,7 @@ def test_ddp_two_processes_gloo_resume_in_sync(shards, tmp_path):
     script.write_text(DDP_RUN_THEN_RESUME)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(script), str(shards), str(out)]
-    done = subprocess.run(command, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {checkpoint_path(out, 2)} at step 2" in done.stdout
     ckpt = load_checkpoint(out / "last.pt")

@@ -1,4 +1,4 @@
-"""Data reliability (issue 13): no sample lost to webdataset's reserved names, shards verified by their sha256 (and
+"""Data integrity: no sample lost to webdataset's reserved names, shards verified by their sha256 (and
 rewritten when damaged), damaged or oversized Tiny-ImageNet zip members and short annotation lines in one line."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A user's mistake on the command line is one line on stderr and exit code 2, naming the value and what is
-allowed: never a traceback, never a silently accepted value (issue 13)."""
+allowed: never a traceback, never a silently accepted value."""
 
 from __future__ import annotations
 
