@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -151,10 +152,16 @@ class ShardLoader:
             worker_init_fn=functools.partial(ignore_stop_signals, closing),
         )
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        on_child_exit = signal.getsignal(signal.SIGCHLD) if in_main_thread else None
         try:
             return iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            if in_main_thread and on_child_exit is not None:
+                # torch's SIGCHLD handler raises a dead worker's RuntimeError wherever the main thread is (inside the
+                # training step); without it the DataLoader finds the dead worker in next() and _batches restarts it
+                signal.signal(signal.SIGCHLD, on_child_exit)
 
     def _batches(self, closing: torch.Tensor) -> Iterator:
         """The epoch's batches; when a worker dies (SIGKILL), the workers restart and replay the epoch up to the

@@ -69,10 +69,14 @@ def _pipe(command: str, timeout: float) -> bytes:
     return done.stdout
 
 
-def read_url(url: str, timeout: float = TIMEOUT_S, retries: int = RETRIES, backoff: float = BACKOFF_S) -> bytes:
+def read_url(url: str, timeout: float | None = None, retries: int | None = None, backoff: float | None = None) -> bytes:
     """The bytes of a shard: a local path, ``file:``, ``http(s):`` (each try bounded by ``timeout``, retried
     ``retries`` times with a doubling ``backoff``) or ``pipe:CMD`` (its stdout). :class:`RemoteError` names the
-    url and the last failure; a 404 is not retried (the server said the file is not there)."""
+    url and the last failure; a 404 is not retried (the server said the file is not there). None: the module's
+    ``TIMEOUT_S``, ``RETRIES``, ``BACKOFF_S``."""
+    timeout = TIMEOUT_S if timeout is None else timeout
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF_S if backoff is None else backoff
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:
         path = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url

@@ -45,6 +45,7 @@ __all__ = [
     "INFO_NAME",
     "file_digest",
     "plan_shards",
+    "parse_info",
     "read_info",
     "shard_keys",
     "tar_key",
@@ -73,8 +74,13 @@ def read_info(directory: str | os.PathLike) -> dict:
     path = Path(directory) / INFO_NAME
     if not path.is_file():
         raise DataError(f"{directory} has no {INFO_NAME}; is it a shard directory written by `mae-timm shards`?")
+    return parse_info(path.read_bytes(), str(path))
+
+
+def parse_info(text: bytes, path: str) -> dict:
+    """An ``_info.json``'s bytes (read from ``path``: a file or a url) checked as :func:`read_info` says."""
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is not JSON ({e})") from None
     if not isinstance(info, dict):
