@@ -53,8 +53,8 @@ def run(args: argparse.Namespace, name: str) -> int:
     if args.source == "tiny-imagenet":
         if not args.src:
             raise DataError("tiny-imagenet needs --src (the zip, its extracted folder, or a URL)")
-        if args.max_member_mb <= 0:
-            raise DataError(f"--max-member-mb is {args.max_member_mb}; it must be above 0")
+        if not 0 < args.max_member_mb < 2**40:  # nan and inf fail this too
+            raise DataError(f"--max-member-mb is {args.max_member_mb}; it must be a number above 0 and below 2**40")
         data = tiny_imagenet(args.src, splits, md5=args.md5, download_dir=args.download_dir, progress=not args.quiet,
                              max_member_bytes=int(args.max_member_mb * 2**20))
     elif args.source == "imagefolder":
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace, name: str) -> int:
         data = imagefolder(args.src, splits)
     else:
         data = fashion_mnist(args.src or FASHION_MNIST_ROOT, splits, limit=args.limit)
+    for split, reason in getattr(data, "skipped", {}).items():
+        print(f"{args.src}: {split}: skipped {reason}")
     info = write_source(args.out, data, shard_size=args.shard_size, min_shards=args.min_shards, seed=args.seed,
                         progress=not args.quiet)
     for split, entry in info["splits"].items():

@@ -54,6 +54,19 @@ IMAGE_MODES = {1: "L", 3: "RGB"}  # a model's in_chans -> the PIL mode its image
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, KeyError, RuntimeError, Image.DecompressionBombError)
 
 
+MAX_PIXELS = 1 << 25  # largest image decoded (33.5 M pixels, 5792 x 5792); its header is read first
+
+
+def check_pixels(data: bytes) -> None:
+    """ValueError (counted as an undecodable image) when the image's header claims more than ``MAX_PIXELS``
+    pixels: checked before decoding, so a 16x16 JPEG whose header says 8000x8000 (a decompression bomb) is never
+    decoded. PIL reads only the header here."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"the image header claims {width}x{height} pixels, more than the {MAX_PIXELS} allowed")
+
+
 def sample_image(sample: dict) -> tuple[str, bytes]:
     """The (field, encoded bytes) of a tar sample's image: the first of :data:`IMAGE_FIELDS` it holds."""
     field = next((k for k in IMAGE_FIELDS if k in sample), None)
@@ -102,6 +115,7 @@ def decode_resized(
     decodes. Grayscale ('L') takes decode_jpeg's path only for grayscale JPEGs, whose pixels equal PIL's; a colour
     JPEG is converted by PIL, as timm converts it."""
     field, data = sample_image(sample)
+    check_pixels(data)
     pixels = None
     if decoder == "torchvision" and field in JPEG_FIELDS:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: frombuffer shares memory
@@ -183,12 +197,15 @@ def decode_batch(
     files = batch.files()
     read_mode = ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY
     try:
+        for data in files:
+            check_pixels(data.numpy().tobytes())
         images = decode_jpeg(files, mode=read_mode, device=device)
         kept, failed = list(range(len(files))), {}
     except DECODE_ERRORS:
         images, kept, failed = [], [], {}
         for index, (data, key) in enumerate(zip(files, batch.keys)):
             try:
+                check_pixels(data.numpy().tobytes())
                 images.append(decode_jpeg(data, mode=read_mode, device=device))
                 kept.append(index)
             except DECODE_ERRORS as exn:

@@ -34,43 +34,33 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import itertools
 import logging
 import math
 import os
-import random
-import re
 import signal
+import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-import webdataset as wds
-from webdataset.tariterators import group_by_keys
 
-from mae_timm.data.decode import (
-    DECODE_ERRORS,
-    DECODERS,
-    IMAGE_MODES,
-    JPEG_FIELDS,
-    EncodedBatch,
-    decode_batch,
-    decode_resized,
-    encode_batch,
-    sample_image,
-)
+from mae_timm.data.decode import DECODERS, IMAGE_MODES, EncodedBatch, decode_batch
 from mae_timm.data.shard_set import ShardSet, resolve_shards, shards_for_reader
 from mae_timm.data.sources import DataError
-from mae_timm.data.tar_reader import DamagedShard, tar_members
+from mae_timm.data.stream import ERROR_KINDS, MAIN_PROCESS_ROW, MAX_READERS, _Stream, collate, collate_encoded
 
-__all__ = ["ShardLoader", "create_loader", "default_num_workers"]
+__all__ = ["ShardLoader", "WorkerDied", "collate", "collate_encoded", "create_loader", "default_num_workers"]
 
 _logger = logging.getLogger(__name__)
 
-MAX_READERS = 1024  # rows of the shared error-count table (rank-local workers)
-MAIN_PROCESS_ROW = MAX_READERS - 1  # the row of images that the main process fails to decode (decode='device')
+MAX_WORKER_RESTARTS = 3  # times one iteration restarts its workers after one died (OOM killer) before it gives up
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class WorkerDied(RuntimeError):
+    """A loader worker died (SIGKILL: the OOM killer) more than ``MAX_WORKER_RESTARTS`` times in one iteration.
+    The batches before it were yielded whole; a training loop saves a checkpoint and exits as for SIGTERM."""
+
 
 
 def default_num_workers() -> int:
@@ -79,8 +69,6 @@ def default_num_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes on this machine
     return max(1, cores // max(1, ranks_here) - 2)
-ERROR_KINDS = ("bad_images", "bad_shards", "reserved_members")  # columns of the shared error-count table
-RESERVED_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (its tar_file_iterator skips them)
 
 
 _OPEN_ITERATIONS: set[torch.Tensor] = set()  # `closing` flags of this process's running iterations
@@ -96,163 +84,21 @@ def ignore_stop_signals(closing: torch.Tensor, worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the main process blocked these while it started the workers (see ShardLoader._start): a process-group signal
+    # sent in that window waited, pending, and reaches the handlers above only now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _dead_worker(exn: RuntimeError) -> bool:
+    """Whether a DataLoader error says that a worker process died (killed by a signal, or exited)."""
+    text = str(exn)
+    return "DataLoader worker (pid" in text and ("killed by signal" in text or "exited unexpectedly" in text)
 
 
 @atexit.register  # registered after multiprocessing's own exit handler, so it runs before that one's terminate()
 def _close_all_iterations() -> None:
     for closing in list(_OPEN_ITERATIONS):
         closing.fill_(1)
-
-
-def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (H, W, 3) or grayscale (H, W) uint8 images and class ids into ((N, C, H, W) uint8, (N,) int64)."""
-    images = torch.from_numpy(np.stack([s[0] for s in samples]))  # (N, H, W, 3) or (N, H, W)
-    if images.ndim == 3:
-        images = images.unsqueeze(-1)  # (N, H, W, 1)
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images.permute(0, 3, 1, 2).contiguous(), labels  # (N, C, H, W)
-
-
-def collate_encoded(samples: list[tuple[bytes, int, str]]) -> tuple[EncodedBatch, torch.Tensor]:
-    """JPEG bytes, class ids and keys -> (EncodedBatch of N images, (N,) int64), for ``decode='device'``."""
-    batch = encode_batch([s[0] for s in samples], [s[2] for s in samples])
-    return batch, torch.tensor([s[1] for s in samples], dtype=torch.int64)
-
-
-@dataclass
-class _Stream:
-    """The per-epoch state and stages of the reading pipeline; pickled into every DataLoader worker."""
-
-    urls: list[str]
-    batch_size: int
-    train: bool
-    img_size: int
-    seed: int
-    rank: int
-    world_size: int
-    resampled: bool
-    crop_pct: float  # evaluation's; training decodes the whole central square (crop_pct 1)
-    shuffle_buffer: int
-    errors: torch.Tensor  # (MAX_READERS, len(ERROR_KINDS)) shared int64 counts per worker
-    batches_per_worker: int | None  # training: batches per reader and epoch; None: one pass (evaluation)
-    epoch: int = 0
-    image_mode: str = "RGB"  # PIL mode images are decoded to: 'RGB', or 'L' for 1-channel models
-    decoder: str = "torchvision"  # pil / torchvision: decode in the workers; device: ship bytes (decode.py)
-    sha256: dict[str, str] | None = None  # url -> recorded digest: verify each shard before reading it
-
-    def _reader(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
-
-    def _rng(self, purpose: str, repetition: int) -> random.Random:
-        worker, _ = self._reader()
-        return random.Random(f"{purpose}-{self.seed}-{self.epoch}-{self.rank}-{worker}-{repetition}")
-
-    def shards(self, repetition: int) -> list[str]:
-        """This reader's shard urls for pass ``repetition`` of the epoch (resampled: drawn with replacement)."""
-        if self.resampled:
-            rng = self._rng("resample", repetition)
-            return [rng.choice(self.urls) for _ in self.urls]
-        worker, num_workers = self._reader()
-        return shards_for_reader(self.urls, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                                 world_size=self.world_size, worker=worker, num_workers=num_workers,
-                                 shuffle=self.train, repetition=repetition)
-
-    def count(self, kind: str) -> None:
-        """Add one to this reader's count of ``kind`` (one of ERROR_KINDS) in the shared table."""
-        self.errors[self._reader()[0], ERROR_KINDS.index(kind)] += 1
-
-    def tar_files(self, urls: list[str]) -> Iterator[dict]:
-        """The files of each shard in order; a shard that cannot be read, breaks off or (with ``sha256``) has
-        another digest is counted once, logged, and left at the damage (the files before it are kept). Members
-        with reserved names are counted and skipped."""
-        for url in urls:
-            try:
-                with wds.gopen(url) as stream:
-                    data = stream.read()
-                if self.sha256 is not None and hashlib.sha256(data).hexdigest() != self.sha256[url]:
-                    raise DamagedShard("its sha256 differs from the one _info.json records")
-                for name, value in tar_members(data):
-                    if RESERVED_NAME.match(name):
-                        self.count("reserved_members")
-                        _logger.warning("skipped tar member %s of %s: a reserved (metadata) name", name, url)
-                        continue
-                    yield dict(fname=name, data=value, __url__=url)
-            except (OSError, DamagedShard, UnicodeDecodeError) as exn:
-                self.count("bad_shards")
-                _logger.warning("skipped the rest of damaged shard %s: %s", url, exn)
-            yield {}  # end of shard: group_by_keys must not join samples across shards
-
-    def malformed_shard(self, exn: Exception) -> bool:
-        """Count and log a shard whose files do not group into samples (duplicate names), then go on."""
-        self.count("bad_shards")
-        _logger.warning("skipped a malformed sample: %s", exn.args[0])
-        return True
-
-    def shuffle(self, samples: Iterator[dict], repetition: int) -> Iterator[dict]:
-        """Shuffle encoded samples in a buffer (cheap: bytes, not decoded images)."""
-        initial = max(1, self.shuffle_buffer // 4)
-        yield from wds.shuffle(self.shuffle_buffer, initial, rng=self._rng("samples", repetition))(samples)
-
-    @property
-    def decode_crop_pct(self) -> float:
-        return 1.0 if self.train else self.crop_pct
-
-    def decode(self, samples: Iterator[dict]) -> Iterator[tuple[np.ndarray, int]]:
-        """Decode each sample to its central square at ``img_size``; an image that fails to decode is counted,
-        logged and skipped. No randomness: the random crop + flip are GpuAugment's, on the device."""
-        if self.decoder == "device":
-            yield from self.jpeg_bytes(samples)
-            return
-        for sample in samples:
-            try:
-                yield decode_resized(sample, self.img_size, self.decode_crop_pct, self.decoder, self.image_mode)
-            except DECODE_ERRORS as exn:
-                self.count("bad_images")
-                _logger.warning("skipped undecodable image %s in %s: %r", sample.get("__key__"),
-                                sample.get("__url__"), exn)
-
-    def jpeg_bytes(self, samples: Iterator[dict]) -> Iterator[tuple[bytes, int, str]]:
-        """``decode='device'``: each sample's (JPEG bytes, class, key), undecoded; another format stops the epoch."""
-        for sample in samples:
-            field, data = sample_image(sample)
-            if field not in JPEG_FIELDS:
-                raise DataError(f"decode='device' reads JPEG only; sample {sample.get('__key__')} in "
-                                f"{sample.get('__url__')} holds {field}: use decode='torchvision'")
-            yield data, int(sample["cls"]) if "cls" in sample else -1, sample.get("__key__", "")
-
-    def one_pass(self, urls: list[str], repetition: int) -> Iterator[tuple[np.ndarray, int]]:
-        """Decoded ``(img_size, img_size[, 3])`` images and labels of one pass over ``urls``, one stage per line."""
-        files = self.tar_files(urls)
-        samples = group_by_keys(files, handler=self.malformed_shard)
-        samples = self.shuffle(samples, repetition) if self.train else samples
-        return self.decode(samples)
-
-    def samples(self) -> Iterator[tuple[np.ndarray, int]]:
-        """Evaluation: one pass over this reader's shards. Training: pass after pass without end (the epoch is
-        cut to its batches downstream), so samples short of a batch at the end of a pass fill it from the next
-        and every reader yields its batches whatever its shards hold. A training pass that decodes no image
-        raises :class:`DataError`: passing again would never fill a batch."""
-        if not self.train:
-            yield from self.one_pass(self.shards(0), 0)
-            return
-        for repetition in itertools.count():
-            urls = self.shards(repetition)
-            decoded = 0
-            for sample in self.one_pass(urls, repetition):
-                decoded += 1
-                yield sample
-            if decoded == 0:
-                raise DataError(f"no image decoded in a pass over {len(urls)} shards (first {urls[0]}): they hold "
-                                "no samples or only broken images")
-
-    def pipeline(self) -> wds.DataPipeline:
-        return wds.DataPipeline(
-            self.samples,
-            wds.batched(self.batch_size, collation_fn=collate_encoded if self.decoder == "device" else collate,
-                        partial=not self.train),
-            wds.slice(self.batches_per_worker) if self.train else None,
-        )
 
 
 class ShardLoader:
@@ -294,8 +140,10 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        closing = torch.zeros((), dtype=torch.uint8).share_memory_()  # set: SIGTERM ends this iteration's workers
+    def _start(self, closing: torch.Tensor) -> Iterator:
+        """A fresh DataLoader iterator over this epoch. SIGTERM / SIGINT stay blocked while its workers start (they
+        inherit the mask and unblock it once :func:`ignore_stop_signals` has installed their handlers), so a
+        process-group signal at that moment cannot kill a worker before it ignores it."""
         loader = torch.utils.data.DataLoader(
             self.stream.pipeline(),
             batch_size=None,  # batches are made inside the workers
@@ -303,10 +151,50 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             worker_init_fn=functools.partial(ignore_stop_signals, closing),
         )
-        iterator = iter(loader)  # held here, so the workers are shut down only after `closing` is set below
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        on_child_exit = signal.getsignal(signal.SIGCHLD) if in_main_thread else None
+        try:
+            return iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            if in_main_thread and on_child_exit is not None:
+                # torch's SIGCHLD handler raises a dead worker's RuntimeError wherever the main thread is (inside the
+                # training step); without it the DataLoader finds the dead worker in next() and _batches restarts it
+                signal.signal(signal.SIGCHLD, on_child_exit)
+
+    def _batches(self, closing: torch.Tensor) -> Iterator:
+        """The epoch's batches; when a worker dies (SIGKILL), the workers restart and replay the epoch up to the
+        last batch yielded (the order is a function of seed, epoch, rank and worker, so the rest is what it would
+        have been), at most ``MAX_WORKER_RESTARTS`` times, then :class:`WorkerDied`."""
+        start_counts = self.stream.errors[:MAIN_PROCESS_ROW].clone()
+        yielded, restarts = 0, 0
+        while True:
+            iterator = self._start(closing)
+            try:
+                for batch in itertools.islice(iterator, yielded, None):
+                    yielded += 1
+                    yield batch
+                return
+            except RuntimeError as exn:
+                if not _dead_worker(exn) or self.num_workers == 0:
+                    raise
+                restarts += 1
+                if restarts > MAX_WORKER_RESTARTS:
+                    raise WorkerDied(f"a loader worker died {restarts} times in epoch {self.stream.epoch} "
+                                     f"({str(exn).splitlines()[0]})") from None
+                _logger.warning("epoch %d: %s; restarting the workers at batch %d (restart %d of %d)",
+                                self.stream.epoch, str(exn).splitlines()[0], yielded, restarts, MAX_WORKER_RESTARTS)
+                self.stream.errors[:MAIN_PROCESS_ROW] = start_counts  # the replay counts the epoch's skips again
+            finally:
+                del iterator
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        closing = torch.zeros((), dtype=torch.uint8).share_memory_()  # set: SIGTERM ends this iteration's workers
+        batches = self._batches(closing)
         _OPEN_ITERATIONS.add(closing)
         try:
-            yield from iterator if self.decode_device is None else map(self.decode_on_device, iterator)
+            yield from batches if self.decode_device is None else map(self.decode_on_device, batches)
         except DataError as exn:
             lines = str(exn).rstrip().splitlines()
             if len(lines) == 1:
@@ -316,14 +204,13 @@ class ShardLoader:
         finally:  # ended, failed or abandoned (closed): the DataLoader may now terminate the workers
             closing.fill_(1)
             _OPEN_ITERATIONS.discard(closing)
-            del iterator
+            batches.close()
         errors = self.errors
         if sum(errors.values()) > self._reported:
             self._reported = sum(errors.values())
             _logger.warning("epoch %d: skipped %d undecodable images, %d damaged shards and %d reserved members so "
                             "far", self.stream.epoch, errors["bad_images"], errors["bad_shards"],
                             errors["reserved_members"])
-
 
     def decode_on_device(self, batch: tuple[EncodedBatch, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(EncodedBatch, labels) -> ((M, 3, S, S) uint8 on ``decode_device``, (M,) labels). An image that does not
@@ -438,7 +325,8 @@ def create_loader(
     stream = _Stream(urls=shard_set.urls, batch_size=batch_size, train=train, img_size=img_size, seed=seed, rank=rank,
                      world_size=world_size, resampled=resampled, crop_pct=crop_pct, shuffle_buffer=shuffle_buffer,
                      errors=errors, batches_per_worker=batches_per_worker, epoch=epoch, decoder=decode,
-                     image_mode=IMAGE_MODES[in_chans],
+                     image_mode=IMAGE_MODES[in_chans], num_classes=shard_set.info.get("num_classes"),
+                     lengths=dict(zip(shard_set.urls, shard_set.shard_lengths)) if shard_set.shard_lengths else None,
                      sha256=dict(zip(shard_set.urls, shard_set.sha256, strict=True)) if verify else None)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

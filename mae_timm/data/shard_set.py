@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from webdataset.shardlists import expand_urls
 
-from mae_timm.data.shards import INFO_NAME, read_info
+from mae_timm.data.remote import RemoteError, read_url
+from mae_timm.data.shards import INFO_NAME, parse_info, read_info
 from mae_timm.data.sources import DataError
 
 __all__ = ["ShardSet", "resolve_shards", "shards_for_reader"]
@@ -60,16 +61,44 @@ def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, list[str] | N
     return _recorded(entries, names, "shard_lengths"), _recorded(entries, names, "sha256"), info
 
 
-def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
-    """The shards of ``split``: ``source`` is a shard directory (with _info.json), a brace pattern, or a list of
-    urls. Local shards that are missing or an empty pattern raise :class:`DataError` here, before any work."""
+def remote_folder(source) -> str | None:
+    """The url of a remote shard directory (``http(s)://host/path/``, ending in ``/`` or in ``/_info.json``),
+    with its trailing ``/``; None for anything else."""
+    if not isinstance(source, str) or urllib.parse.urlparse(source).scheme not in ("http", "https"):
+        return None
+    if source.endswith("/" + INFO_NAME):
+        return source[: -len(INFO_NAME)]
+    return source if source.endswith("/") else None
+
+
+def _directory_info(source) -> tuple[dict, str] | None:
+    """(_info.json, the folder its shard file names are relative to) of a local or remote shard directory."""
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        info = read_info(source)
+        return read_info(source), str(source)
+    folder = remote_folder(source)
+    if folder is None:
+        return None
+    try:
+        return parse_info(read_url(folder + INFO_NAME), folder + INFO_NAME), folder
+    except RemoteError as exn:
+        raise DataError(f"cannot read the shard directory's {INFO_NAME}: {exn}") from None
+
+
+def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
+    """The shards of ``split``: ``source`` is a shard directory with _info.json (a local folder, or an
+    ``http(s)://.../`` url ending in ``/``: its ``_info.json`` is fetched, and the shards it lists are read from
+    beside it with the same lengths and sha256), a brace pattern, or a list of urls. Local shards that are missing
+    or an empty pattern raise :class:`DataError` here, before any work."""
+    found = _directory_info(source)
+    if found is not None:
+        info, folder = found
         splits = info.get("splits", {})
         if split not in splits:
             raise DataError(f"{source} has no split {split!r} (it has {sorted(splits)}); write it with mae-timm shards")
         entry = splits[split]
-        urls = [os.path.join(str(source), name) for name in entry["filenames"]]
+        if not isinstance(entry.get("shard_lengths"), list) or not isinstance(entry.get("num_samples"), int):
+            raise DataError(f"{INFO_NAME} of {source}: split {split!r} lacks 'shard_lengths' or 'num_samples'")
+        urls = [folder + name if remote_folder(folder) else os.path.join(folder, name) for name in entry["filenames"]]
         shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info, entry.get("sha256"))
     else:
         urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]

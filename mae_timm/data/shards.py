@@ -45,6 +45,7 @@ __all__ = [
     "INFO_NAME",
     "file_digest",
     "plan_shards",
+    "parse_info",
     "read_info",
     "shard_keys",
     "tar_key",
@@ -68,11 +69,37 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
 
 
 def read_info(directory: str | os.PathLike) -> dict:
-    """The ``_info.json`` of a shard directory."""
+    """The ``_info.json`` of a shard directory: a JSON object whose ``splits`` (when there) map each split to an
+    object with a list of ``filenames`` (strings); DataError in one line for anything else."""
     path = Path(directory) / INFO_NAME
     if not path.is_file():
         raise DataError(f"{directory} has no {INFO_NAME}; is it a shard directory written by `mae-timm shards`?")
-    return json.loads(path.read_text())
+    return parse_info(path.read_bytes(), str(path))
+
+
+def parse_info(text: bytes, path: str) -> dict:
+    """An ``_info.json``'s bytes (read from ``path``: a file or a url) checked as :func:`read_info` says."""
+    try:
+        info = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path} holds a JSON {type(info).__name__}, not an object")
+    splits = info.get("splits", {})
+    if not isinstance(splits, dict):
+        raise DataError(f"{path}: 'splits' is a {type(splits).__name__}, not an object of split -> entry")
+    for split, entry in splits.items():
+        names = entry.get("filenames") if isinstance(entry, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n for n in names):
+            raise DataError(f"{path}: split {split!r} has no list of shard 'filenames' (plain file names)")
+        for key in ("shard_lengths", "sha256"):
+            if key in entry and (not isinstance(entry[key], list) or len(entry[key]) != len(names)):
+                raise DataError(f"{path}: split {split!r}: {key!r} is not a list of one value per shard")
+    return info
+
+
+def _info_splits(directory: str | os.PathLike) -> dict:
+    return read_info(directory).get("splits", {})
 
 
 def plan_shards(num_samples: int, shard_size: int, min_shards: int) -> list[int]:
@@ -110,10 +137,36 @@ def _encode(sample: Sample) -> dict:
     return record
 
 
-def _intact_digest(path: Path, keys: list[str], recorded: str | None) -> str | None:
-    """The sha256 of the shard at ``path`` when it exists, holds exactly ``keys`` (tar names) and has the
-    ``recorded`` digest (when one is recorded); else None: it must be written."""
+def _source_stamp(samples: Sequence[Sample], indices: list[int]) -> str | None:
+    """A sha256 over the source's cheap fingerprints of these samples (file size and mtime, zip CRC, class,
+    metadata), None for a source without them (plain sequences: nothing is read to decide). A source image fixed
+    in place changes it, so a rerun rewrites that shard although its keys and file sha256 still match."""
+    stamp = getattr(samples, "stamp", None)
+    if stamp is None:
+        return None
+    digest = hashlib.sha256()
+    for i in indices:
+        digest.update(f"{stamp(i)}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_labels(split: str, name: str, samples: Sequence[Sample], num_classes: int) -> Iterable[Sample]:
+    """The samples, each checked as it is written: a class outside ``[-1, num_classes)`` stops the write."""
+    for sample in samples:
+        if not -1 <= int(sample.cls) < num_classes:
+            raise DataError(f"split {split!r} of {name}: sample {sample.key} has class {sample.cls}, outside "
+                            f"0..{num_classes - 1} (or -1: unlabeled)")
+        yield sample
+
+
+def _intact_digest(path: Path, keys: list[str], recorded: str | None, same_source: bool = True) -> str | None:
+    """The sha256 of the shard at ``path`` when it exists, holds exactly ``keys`` (tar names), has the
+    ``recorded`` digest (when one is recorded) and ``same_source`` (its samples' source stamp is the one recorded);
+    else None: it must be written."""
     if not path.is_file():
+        return None
+    if not same_source:
+        print(f"{path}: its source images changed since it was written, rewriting it", file=sys.stderr)
         return None
     digest = file_digest(path, "sha256")
     if recorded is not None and digest != recorded:
@@ -168,7 +221,10 @@ def write_shards(
         raise DataError(f"shard_size (--shard-size) is {shard_size} and min_shards (--min-shards) {min_shards}; "
                         "they must be at least 1 and at least 0")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create shard directory {out_dir}: {e.strerror or e}") from None
     _remove_stale_parts(out_dir, splits)
     classes = [c if isinstance(c, Mapping) else dict(index=i, id=str(c), name=str(c)) for i, c in enumerate(classes)]
     info = dict(name=name, num_classes=len(classes), classes=classes, splits={}, seed=seed, source=source,
@@ -195,26 +251,30 @@ def write_shards(
             raise DataError(f"split {split!r} of {name} has an empty sample key")
         entry = recorded_splits.get(split, {})
         recorded = dict(zip(entry.get("filenames", []), entry.get("sha256", [])))
+        recorded_stamps = dict(zip(entry.get("filenames", []), entry.get("source_stamps", [])))
         order = list(range(len(samples)))
         if split in SHUFFLED_SPLITS:
             random.Random(f"{seed}-{split}").shuffle(order)
         lengths = plan_shards(len(samples), shard_size, min_shards)
-        filenames, digests, start = [], [], 0
+        filenames, digests, stamps, start = [], [], [], 0
         bar = tqdm(total=len(samples), unit="img", desc=f"{name} {split}", disable=not progress)
         for index, length in enumerate(lengths):
             shard_order = order[start : start + length]
             path = out_dir / f"{split}-{index:06d}.tar"
-            digest = _intact_digest(path, [tar_key(keys[i]) for i in shard_order], recorded.get(path.name))
+            stamp = _source_stamp(samples, shard_order)
+            digest = _intact_digest(path, [tar_key(keys[i]) for i in shard_order], recorded.get(path.name),
+                                    stamp is None or recorded_stamps.get(path.name) in (None, stamp))
             if digest is None:
-                _write_shard(path, (samples[i] for i in shard_order))
+                _write_shard(path, _check_labels(split, name, (samples[i] for i in shard_order), len(classes)))
                 digest = file_digest(path, "sha256")
             filenames.append(path.name)
             digests.append(digest)
+            stamps.append(stamp)
             start += length
             bar.update(length)
         bar.close()
         info["splits"][split] = dict(name=split, num_samples=len(samples), filenames=filenames, shard_lengths=lengths,
-                                     sha256=digests)
+                                     sha256=digests, source_stamps=stamps)
         with atomic_write(info_path, "w") as f:
             f.write(json.dumps(info, indent=1) + "\n")
     return info
@@ -227,8 +287,11 @@ def verify_shards(directory: str | os.PathLike) -> tuple[int, dict[str, str]]:
     sha256 recorded).
     """
     checked, bad = 0, {}
-    for entry in read_info(directory).get("splits", {}).values():
+    for split, entry in _info_splits(directory).items():
         digests = entry.get("sha256") or [None] * len(entry["filenames"])
+        if len(digests) != len(entry["filenames"]):
+            raise DataError(f"{directory}/{INFO_NAME}: split {split!r} lists {len(entry['filenames'])} filenames but "
+                            f"{len(digests)} sha256")
         for filename, recorded in zip(entry["filenames"], digests, strict=True):
             path, checked = Path(directory) / filename, checked + 1
             if not path.is_file():

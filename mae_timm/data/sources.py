@@ -11,12 +11,15 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mae_timm.utils.errors import UserError
 
 __all__ = [
     "DataError",
@@ -45,7 +48,7 @@ FASHION_MNIST_FILES = {  # split -> (images, labels)
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data or arguments; the message is one line saying what is wrong."""
 
 
@@ -63,9 +66,10 @@ class Sample:
 class SampleList(Sequence):
     """Samples whose keys are known up front and whose bytes are read on access."""
 
-    def __init__(self, keys: list[str], read: Callable[[int], Sample]):
+    def __init__(self, keys: list[str], read: Callable[[int], Sample], stamp: Callable[[int], str] | None = None):
         self.keys = keys
         self._read = read
+        self.stamp = stamp  # i -> a cheap fingerprint of sample i's content (file size + mtime, zip CRC), or None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -85,11 +89,29 @@ class SourceData:
     channels: int | None = None  # channels of the stored images (1: grayscale), when the source knows them
     mean: tuple[float, ...] | None = None  # per-channel pixel mean of the train split in [0, 1], when known
     std: tuple[float, ...] | None = None  # per-channel pixel std of the train split in [0, 1], when known
+    skipped: dict[str, str] = field(default_factory=dict)  # split -> what the source left out and why, one line
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _image_files(folder: Path, skipped: dict[str, int]) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name; other files are counted in ``skipped`` by suffix
+    (``.bmp``, ``.gif``, ``.tif``: the shards hold only what timm's reader decodes, never re-encoded)."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(p)
+        elif p.is_file():
+            skipped[p.suffix.lower() or "(no suffix)"] = skipped.get(p.suffix.lower() or "(no suffix)", 0) + 1
+    return files
+
+
+def _key_text(stem: str) -> str:
+    """A file stem as key text: a name that is not UTF-8 (read with surrogate escapes) has its raw bytes written
+    as ``\\xNN``, so the key is valid UTF-8 in the tar and reads back whole."""
+    try:
+        stem.encode("utf-8")
+        return stem
+    except UnicodeEncodeError:
+        return os.fsencode(stem).decode("utf-8", "backslashreplace")
 
 
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
@@ -126,29 +148,53 @@ def imagefolder(root: str | os.PathLike, splits: Sequence[str] | None = None) ->
         extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in index)
         if extra:
             raise DataError(f"imagefolder split {folder} has class folder {extra[0]!r} that {first} lacks")
-        files = [(path, index[c]) for c in class_ids if (folder / c).is_dir() for path in _image_files(folder / c)]
+        skipped: dict[str, int] = {}
+        files = [(path, index[c]) for c in class_ids if (folder / c).is_dir()
+                 for path in _image_files(folder / c, skipped)]
+        if skipped:
+            data.skipped[split] = (f"{sum(skipped.values())} files that are not {'/'.join(IMAGE_EXTENSIONS)} images ("
+                                   + ", ".join(f"{n} {s}" for s, n in sorted(skipped.items())) + ")")
         if not files:
             raise DataError(f"imagefolder split {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
-        keys = [f"{class_ids[cls]}_{path.stem}".replace(".", "_") for path, cls in files]
+        keys = [_key_text(f"{class_ids[cls]}_{path.stem}").replace(".", "_") for path, cls in files]
         if len(set(keys)) != len(keys):
             raise DataError(f"imagefolder split {folder} has two images with one name stem in the same class folder")
 
         def read(i, files=files, keys=keys):
             path, cls = files[i]
-            return Sample(key=keys[i], image=path.read_bytes(), ext=IMAGE_EXTENSIONS[path.suffix.lower()], cls=cls)
+            try:
+                image = path.read_bytes()
+            except OSError as e:
+                raise DataError(f"cannot read source image {path}: {e.strerror or e}") from None
+            return Sample(key=keys[i], image=image, ext=IMAGE_EXTENSIONS[path.suffix.lower()], cls=cls)
 
-        data.splits[split] = SampleList(keys, read)
+        def stamp(i, files=files):
+            path, cls = files[i]
+            try:
+                st = path.stat()
+            except OSError:  # reading it will say what is wrong
+                return f"{cls}:unreadable"
+            return f"{cls}:{st.st_size}:{st.st_mtime_ns}"
+
+        data.splits[split] = SampleList(keys, read, stamp)
     return data
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzipped or not) of unsigned bytes: (N,) labels or (N, H, W) images."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, not gzip, damaged
+        raise DataError(f"{path} is not a whole gzip file ({e})") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} ends inside its IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -193,6 +239,12 @@ def fashion_mnist(
             if not path.is_file():
                 raise DataError(f"fashion-mnist source lacks {path} (apt-get install dataset-fashion-mnist)")
         images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(f"{paths[0]} holds shape {images.shape} and {paths[1]} {labels.shape}; expected "
+                            "(N, H, W) images and (N,) labels")
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{paths[1]} holds label {int(labels.max())}; Fashion-MNIST has "
+                            f"{len(FASHION_MNIST_CLASSES)} classes")
         if len(images) != len(labels):
             raise DataError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
         count = len(images) if limit is None else min(limit, len(images))

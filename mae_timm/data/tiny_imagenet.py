@@ -20,14 +20,12 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
+from mae_timm.data.remote import download
 from mae_timm.data.shards import file_digest
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
 
@@ -46,35 +44,6 @@ def _check_size(label: str, rel: str, size: int, limit: int) -> None:
                         "(--max-member-mb raises the cap)")
 
 
-def download(url: str, directory: str | os.PathLike, md5: str | None = None, progress: bool = True) -> Path:
-    """Download ``url`` (http, https or file) into ``directory``; returns the file's path.
-
-    Bytes go to ``<name>.part``, renamed when complete (and, with ``md5``, verified), so an interrupted
-    download never looks finished. A complete file already there is reused.
-    """
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
-    target = Path(directory) / name
-    if target.is_file() and (md5 is None or file_digest(target, "md5") == md5):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    try:
-        response = urllib.request.urlopen(url)
-    except (OSError, ValueError) as exn:
-        raise DataError(f"cannot download {url}: {exn}") from exn
-    with response, open(part, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                f.write(block)
-                bar.update(len(block))
-    if md5 is not None and (got := file_digest(part, "md5")) != md5:
-        raise DataError(f"{url} has md5 {got}, expected {md5}; the download is left at {part} "
-                        f"(--md5 {NO_MD5} skips the check)")
-    os.replace(part, target)
-    return target
-
-
 class _ZipTree:
     """Read files of a zip by their path relative to the dataset root inside it."""
 
@@ -82,14 +51,22 @@ class _ZipTree:
         self.label, self.max_member_bytes = str(path), max_member_bytes
         self.zip = zipfile.ZipFile(path)
         names = self.zip.namelist()
-        roots = [n[: -len("wnids.txt")] for n in names if n.endswith("wnids.txt") and n.count("/") <= 1]
+        roots = sorted({n[: -len("wnids.txt")] for n in names if n.endswith("wnids.txt") and n.count("/") <= 1})
         if not roots:
             raise DataError(f"{path} lacks tiny-imagenet-200/wnids.txt; is it the Tiny-ImageNet zip?")
+        if len(roots) > 1:
+            raise DataError(f"{path} holds {len(roots)} dataset roots ({', '.join(r or '/' for r in roots)}); "
+                            "give a zip with one")
         self.prefix = roots[0]
         self.names = {n[len(self.prefix) :] for n in names if n.startswith(self.prefix) and not n.endswith("/")}
 
     def exists(self, rel: str) -> bool:
         return rel in self.names
+
+    def stamp(self, rel: str) -> str:
+        """A cheap fingerprint of a member's content: its CRC and size, from the zip's directory."""
+        info = self.zip.getinfo(self.prefix + rel)
+        return f"{info.CRC}:{info.file_size}"
 
     def read(self, rel: str) -> bytes:
         """The member's bytes; DataError for one over the size cap (checked before reading) or a damaged one."""
@@ -98,6 +75,9 @@ class _ZipTree:
             return self.zip.read(self.prefix + rel)
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a failed CRC, broken compressed data
             raise DataError(f"{self.label}: member tiny-imagenet-200/{rel} is damaged ({e})") from None
+        except (RuntimeError, NotImplementedError) as e:  # encrypted (password, AES), unsupported method (zstd)
+            raise DataError(f"{self.label}: member tiny-imagenet-200/{rel} cannot be read ({e}); give a zip "
+                            "stored or deflated without a password") from None
 
     def listdir(self, rel: str) -> list[str]:
         """File names directly inside folder ``rel``."""
@@ -117,9 +97,25 @@ class _DirTree:
     def exists(self, rel: str) -> bool:
         return (self.root / rel).is_file()
 
+    def stamp(self, rel: str) -> str:
+        """A cheap fingerprint of a file's content: its size and modification time."""
+        try:
+            st = (self.root / rel).stat()
+        except OSError:  # reading it will say what is wrong
+            return "unreadable"
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
     def read(self, rel: str) -> bytes:
-        _check_size(self.label, rel, (self.root / rel).stat().st_size, self.max_member_bytes)
-        return (self.root / rel).read_bytes()
+        path = self.root / rel
+        base = (self.root / rel.split("/", 1)[0]).resolve() if "/" in rel else self.root.resolve()
+        if not path.resolve().is_relative_to(base):  # a symlink out of its split's folder
+            raise DataError(f"{self.label}: tiny-imagenet-200/{rel} resolves to {path.resolve()}, outside "
+                            f"{base}; refused")
+        _check_size(self.label, rel, path.stat().st_size, self.max_member_bytes)
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read source image {path}: {e.strerror or e}") from None
 
     def listdir(self, rel: str) -> list[str]:
         folder = self.root / rel
@@ -158,9 +154,24 @@ def _box(fields: Sequence[str]) -> list[int]:
     return [int(v) for v in fields]
 
 
-def _image_index(name: str) -> int:
-    """Numeric index in an image file name (``n01443537_12.JPEG`` -> 12), for a natural order."""
-    return int(re.findall(r"\d+", name)[-1])
+def _image_index(name: str) -> tuple[int, str]:
+    """Numeric index in an image file name (``n01443537_12.JPEG`` -> 12), for a natural order; a name without
+    digits (``cover.JPEG``) sorts after the numbered ones, by name."""
+    digits = re.findall(r"\d+", name)
+    return (int(digits[-1]), name) if digits else (1 << 62, name)
+
+
+def _is_jpeg(name: str) -> bool:
+    """A JPEG file name: ``.JPEG`` as the official zip writes it, or any case of ``.jpeg`` / ``.jpg``."""
+    return name.lower().endswith((".jpeg", ".jpg"))
+
+
+def _inside(folder: str, name: str, what: str, label: str) -> str:
+    """``folder/name`` when ``name`` is a plain file name inside ``folder``; DataError for one that climbs out
+    (``../x``), is absolute or names a subfolder: every path read stays inside its split's folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise DataError(f"{label}: {what} names {name[:80]!r}, not a file inside tiny-imagenet-200/{folder}; refused")
+    return f"{folder}/{name}"
 
 
 def _jpeg_sample(tree, rel: str, cls: int, meta: dict | None) -> Sample:
@@ -174,14 +185,18 @@ def _lazy_samples(tree, entries: list[tuple[str, int, dict | None]]) -> SampleLi
     def read(i):
         return _jpeg_sample(tree, *entries[i])
 
-    return SampleList([Path(rel).stem for rel, _, _ in entries], read)
+    def stamp(i):
+        rel, cls, meta = entries[i]
+        return f"{tree.stamp(rel)}:{cls}:{meta}"
+
+    return SampleList([Path(rel).stem for rel, _, _ in entries], read, stamp)
 
 
 def _train_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]:
     entries = []
     for cls, wnid in enumerate(wnids):
         folder = f"train/{wnid}/images"
-        files = sorted((n for n in tree.listdir(folder) if n.endswith(".JPEG")), key=_image_index)
+        files = sorted((n for n in tree.listdir(folder) if _is_jpeg(n)), key=_image_index)
         if not files:
             raise DataError(f"Tiny-ImageNet source {tree.label} lacks tiny-imagenet-200/{folder}/{wnid}_0.JPEG")
         boxes_file = f"train/{wnid}/{wnid}_boxes.txt"
@@ -195,19 +210,25 @@ def _train_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]
 
 
 def _validation_entries(tree, wnids: list[str]) -> list[tuple[str, int, dict | None]]:
+    """The annotated validation images; a line naming a path outside ``val/images`` or a train image's file name
+    (a split leak) is refused."""
     index = {w: i for i, w in enumerate(wnids)}
+    train_names = {n for w in wnids for n in tree.listdir(f"train/{w}/images")}
     entries = []
-    for fields in _read_lines(tree, "val/val_annotations.txt", 6, boxed=True):
+    for number, fields in enumerate(_read_lines(tree, "val/val_annotations.txt", 6, boxed=True), 1):
         name, wnid = fields[0], fields[1]
         if wnid not in index:
             raise DataError(f"val/val_annotations.txt labels {name} with {wnid}, which wnids.txt lacks")
-        _require(tree, f"val/images/{name}")
-        entries.append((f"val/images/{name}", index[wnid], dict(wnid=wnid, bbox=_box(fields[2:6]))))
+        rel = _inside("val/images", name, f"val/val_annotations.txt entry {number}", tree.label)
+        if name in train_names:
+            raise DataError(f"{tree.label}: val/val_annotations.txt names {name}, a train image: a split leak; refused")
+        _require(tree, rel)
+        entries.append((rel, index[wnid], dict(wnid=wnid, bbox=_box(fields[2:6]))))
     return entries
 
 
 def _test_entries(tree) -> list[tuple[str, int, dict | None]]:
-    files = sorted((n for n in tree.listdir("test/images") if n.endswith(".JPEG")), key=_image_index)
+    files = sorted((n for n in tree.listdir("test/images") if _is_jpeg(n)), key=_image_index)
     if not files:
         raise DataError(f"Tiny-ImageNet source {tree.label} lacks tiny-imagenet-200/test/images/test_0.JPEG")
     return [(f"test/images/{name}", -1, None) for name in files]
