@@ -287,7 +287,11 @@ def _check_hf_vit_folder(gray: nn.Module, folder: Path, out: Path) -> None:
 
 
 def export_hf_mae_folder(
-    model: nn.Module, out_dir: str | Path, *, mask_ratio: float = 0.75, source: dict | None = None,
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    mask_ratio: float = 0.75,
+    source: dict | None = None,
     run_config: dict | None = None,
 ) -> Path:
     """A late-mask MAE as a transformers folder for reconstruction: ``ViTMAEForPreTraining`` weights and config

@@ -80,8 +80,11 @@ def _command(run_config: dict | None) -> str | None:
     defaults = dataclasses.asdict(PretrainConfig())
     parts = ["mae-timm pretrain"]
     for key, value in run_config.items():
-        if key not in defaults or value == defaults[key] or (isinstance(value, (list, tuple)) and
-                                                              list(value) == list(defaults[key] or [])):
+        if (
+            key not in defaults
+            or value == defaults[key]
+            or (isinstance(value, (list, tuple)) and list(value) == list(defaults[key] or []))
+        ):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -104,8 +107,14 @@ def _front_matter(card: ModelCard, info: dict) -> str:
         tags.append("vit_mae")
     datasets = [_HUB_DATASETS.get(info["name"], info["name"])] if info.get("name") else []
     license_ = json.dumps(card.model.pretrained_cfg.get("license") or "other")
-    lines = ["---", f"library_name: {library}", f"license: {license_}",
-             f"pipeline_tag: {task}", "tags:", *[f"- {json.dumps(t)}" for t in dict.fromkeys(tags)]]
+    lines = [
+        "---",
+        f"library_name: {library}",
+        f"license: {license_}",
+        f"pipeline_tag: {task}",
+        "tags:",
+        *[f"- {json.dumps(t)}" for t in dict.fromkeys(tags)],
+    ]
     lines += ["datasets:", *[f"- {json.dumps(d)}" for d in datasets]] if datasets else []
     return "\n".join([*lines, "---"])
 
@@ -116,15 +125,21 @@ def _results_section(card: ModelCard) -> list[str]:
         rows.append(("this classifier (fine-tuned)", card.metrics))
     rows += [(r["protocol"], r) for r in recorded_results((card.source or {}).get("checkpoint"))]
     if not rows:
-        return ["No evaluation was recorded beside the checkpoint (run `mae-timm knn|linprobe|finetune` or "
-                "`mae-timm compare` before exporting to have it here)."]
+        return [
+            "No evaluation was recorded beside the checkpoint (run `mae-timm knn|linprobe|finetune` or "
+            "`mae-timm compare` before exporting to have it here)."
+        ]
     lines = ["| evaluation | top-1 % | top-5 % | baselines (top-1 %) |", "|---|---|---|---|"]
     for name, result in rows:
         baselines = result.get("baselines") or {}
-        base = ", ".join(f"{k} {v['top1'] if isinstance(v, dict) else v:.2f}" for k, v in baselines.items()
-                         if isinstance(v, (int, float)) or (isinstance(v, dict) and "top1" in v))
-        lines.append(f"| {name} | {result['top1']:.2f} | {result.get('top5', float('nan')):.2f} | "
-                     f"{base or 'none recorded'} |")
+        base = ", ".join(
+            f"{k} {v['top1'] if isinstance(v, dict) else v:.2f}"
+            for k, v in baselines.items()
+            if isinstance(v, (int, float)) or (isinstance(v, dict) and "top1" in v)
+        )
+        lines.append(
+            f"| {name} | {result['top1']:.2f} | {result.get('top5', float('nan')):.2f} | {base or 'none recorded'} |"
+        )
     return lines
 
 
@@ -132,23 +147,40 @@ def _load_section(card: ModelCard) -> list[str]:
     folder = card.folder
     n = card.num_classes or "N"
     if card.fmt == "timm":
-        return ["```python", "import timm", "",
-                f"model = timm.create_model('local-dir:{folder}', pretrained=True, num_classes={n})",
-                "config = timm.data.resolve_data_config(model=model)  # mean/std, size, crop of this folder",
-                "transform = timm.data.create_transform(**config)", "```",
-                "Fine-tune with timm's own script, no other flag needed:", "```bash",
-                f"python train.py --model local-dir:{folder} --pretrained --num-classes {n} --data-dir DATA", "```",
-                "For transformers, export the same checkpoint with `mae-timm export --format hf`."]
+        return [
+            "```python",
+            "import timm",
+            "",
+            f"model = timm.create_model('local-dir:{folder}', pretrained=True, num_classes={n})",
+            "config = timm.data.resolve_data_config(model=model)  # mean/std, size, crop of this folder",
+            "transform = timm.data.create_transform(**config)",
+            "```",
+            "Fine-tune with timm's own script, no other flag needed:",
+            "```bash",
+            f"python train.py --model local-dir:{folder} --pretrained --num-classes {n} --data-dir DATA",
+            "```",
+            "For transformers, export the same checkpoint with `mae-timm export --format hf`.",
+        ]
     if card.fmt == "hf":
-        return ["```python", "from transformers import AutoImageProcessor, ViTForImageClassification, pipeline",
-                "", f"features = pipeline('image-feature-extraction', model='{folder}', pool=True)",
-                f"processor = AutoImageProcessor.from_pretrained('{folder}')  # converts to RGB, resizes, normalises",
-                f"classifier = ViTForImageClassification.from_pretrained('{folder}', num_labels={n})", "```",
-                "For timm, export the same checkpoint with `mae-timm export` (the default format)."]
-    return ["```python", "from transformers import AutoImageProcessor, ViTMAEForPreTraining", "",
-            f"model = ViTMAEForPreTraining.from_pretrained('{folder}')  # reconstruction: loss, logits, mask",
-            f"processor = AutoImageProcessor.from_pretrained('{folder}')", "```",
-            "For features or fine-tuning, export with `mae-timm export --format hf` (a plain ViT)."]
+        return [
+            "```python",
+            "from transformers import AutoImageProcessor, ViTForImageClassification, pipeline",
+            "",
+            f"features = pipeline('image-feature-extraction', model='{folder}', pool=True)",
+            f"processor = AutoImageProcessor.from_pretrained('{folder}')  # converts to RGB, resizes, normalises",
+            f"classifier = ViTForImageClassification.from_pretrained('{folder}', num_labels={n})",
+            "```",
+            "For timm, export the same checkpoint with `mae-timm export` (the default format).",
+        ]
+    return [
+        "```python",
+        "from transformers import AutoImageProcessor, ViTMAEForPreTraining",
+        "",
+        f"model = ViTMAEForPreTraining.from_pretrained('{folder}')  # reconstruction: loss, logits, mask",
+        f"processor = AutoImageProcessor.from_pretrained('{folder}')",
+        "```",
+        "For features or fine-tuning, export with `mae-timm export --format hf` (a plain ViT).",
+    ]
 
 
 def model_card(card: ModelCard) -> str:
@@ -157,21 +189,32 @@ def model_card(card: ModelCard) -> str:
     info = _data_info(card.run_config)
     kwargs = model.encoder_kwargs()
     what = f"{card.num_classes}-class classifier" if card.num_classes else "encoder (features, `num_classes=0`)"
-    body = [f"# {model.encoder_architecture()} {what}, pretrained by mae-timm", "",
-            "## Architecture",
-            f"timm `{model.encoder_architecture()}` with `{json.dumps(kwargs)}`; {what}."]
+    body = [
+        f"# {model.encoder_architecture()} {what}, pretrained by mae-timm",
+        "",
+        "## Architecture",
+        f"timm `{model.encoder_architecture()}` with `{json.dumps(kwargs)}`; {what}.",
+    ]
     if card.gray_to_rgb:
-        body.append("Pretrained on 1-channel images; exported for RGB input: the patch kernel is replicated over the "
-                    "3 channels and divided by 3, mean/std replicated, so a gray image converted to RGB gives the "
-                    "1-channel encoder's features exactly (to float rounding).")
+        body.append(
+            "Pretrained on 1-channel images; exported for RGB input: the patch kernel is replicated over the "
+            "3 channels and divided by 3, mean/std replicated, so a gray image converted to RGB gives the "
+            "1-channel encoder's features exactly (to float rounding)."
+        )
     source = card.source or {}
     run = card.run_config or {}
-    body += ["", "## Pretext", f"`{source.get('model_name', type(model).__name__)}`: "
-             f"{_PRETEXTS.get(type(model).__name__, type(model).__name__)}."]
+    body += [
+        "",
+        "## Pretext",
+        f"`{source.get('model_name', type(model).__name__)}`: "
+        f"{_PRETEXTS.get(type(model).__name__, type(model).__name__)}.",
+    ]
     if source.get("step") is not None:
-        body.append(f"Trained for {source['step']} updates"
-                    + (f", mask ratio {run['mask_ratio']}" if model.takes_mask_ratio and "mask_ratio" in run else "")
-                    + ".")
+        body.append(
+            f"Trained for {source['step']} updates"
+            + (f", mask ratio {run['mask_ratio']}" if model.takes_mask_ratio and "mask_ratio" in run else "")
+            + "."
+        )
     body += ["", "## Data"]
     if info:
         splits = ", ".join(f"{k} {v.get('num_samples')}" for k, v in info.get("splits", {}).items())
@@ -180,11 +223,16 @@ def model_card(card: ModelCard) -> str:
         body.append(f"`{run.get('data') or 'synthetic images'}` (its _info.json was not readable at export).")
     else:
         body.append("Not recorded in the checkpoint.")
-    body.append(f"Inputs are normalised with mean {list(cfg['mean'])} and std {list(cfg['std'])}"
-                + (" (replicated over RGB in this export)." if card.gray_to_rgb else "."))
+    body.append(
+        f"Inputs are normalised with mean {list(cfg['mean'])} and std {list(cfg['std'])}"
+        + (" (replicated over RGB in this export)." if card.gray_to_rgb else ".")
+    )
     command = _command(card.run_config)
-    body += ["", "## Training command", "```bash", command, "```"] if command else ["", "## Training command",
-                                                                                      "Not recorded."]
+    body += (
+        ["", "## Training command", "```bash", command, "```"]
+        if command
+        else ["", "## Training command", "Not recorded."]
+    )
     body += ["", "## Evaluation", *_results_section(card)]
     if card.label_names:
         body += ["", "## Labels", ", ".join(f"{i}: {name}" for i, name in enumerate(card.label_names))]
