@@ -146,12 +146,14 @@ def _results_section(card: ModelCard) -> list[str]:
 def _load_section(card: ModelCard) -> list[str]:
     folder = card.folder
     n = card.num_classes or "N"
+    classes = card.num_classes or 10  # an encoder's example gets a new 10-class head
+    comment = "" if card.num_classes else "  # a new head: your class count"
     if card.fmt == "timm":
         return [
             "```python",
             "import timm",
             "",
-            f"model = timm.create_model('local-dir:{folder}', pretrained=True, num_classes={n})",
+            f"model = timm.create_model('local-dir:{folder}', pretrained=True, num_classes={classes}){comment}",
             "config = timm.data.resolve_data_config(model=model)  # mean/std, size, crop of this folder",
             "transform = timm.data.create_transform(**config)",
             "```",
@@ -159,7 +161,7 @@ def _load_section(card: ModelCard) -> list[str]:
             "```bash",
             f"python train.py --model local-dir:{folder} --pretrained --num-classes {n} --data-dir DATA",
             "```",
-            "For transformers, export the same checkpoint with `mae-timm export --format hf`.",
+            "For transformers, export the same checkpoint with `mae-timm export --format hf` (class-token ViTs).",
         ]
     if card.fmt == "hf":
         return [
@@ -168,7 +170,7 @@ def _load_section(card: ModelCard) -> list[str]:
             "",
             f"features = pipeline('image-feature-extraction', model='{folder}', pool=True)",
             f"processor = AutoImageProcessor.from_pretrained('{folder}')  # converts to RGB, resizes, normalises",
-            f"classifier = ViTForImageClassification.from_pretrained('{folder}', num_labels={n})",
+            f"classifier = ViTForImageClassification.from_pretrained('{folder}', num_labels={classes}){comment}",
             "```",
             "For timm, export the same checkpoint with `mae-timm export` (the default format).",
         ]

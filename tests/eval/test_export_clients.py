@@ -45,6 +45,13 @@ def front_matter(readme: Path) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
+def card_code(readme: Path) -> dict:
+    """Run the ```python block of a model card; its namespace."""
+    namespace: dict = {}
+    exec(readme.read_text().split("```python\n", 1)[1].split("```", 1)[0], namespace)
+    return namespace
+
+
 def test_create_timm_encoder_states_its_real_input():
     for name, size in (("mae_vit_test", 32), ("mae_vit_test_early_mask", 32), ("apl_vit_test", None)):
         model = timm.create_model(name)
@@ -77,6 +84,7 @@ def test_hf_folder_is_a_plain_vit_with_timm_features(tmp_path, monkeypatch):
     classifier, info = ViTForImageClassification.from_pretrained(out, num_labels=7, output_loading_info=True)
     assert info["missing_keys"] == {"classifier.weight", "classifier.bias"} and not info["mismatched_keys"]
     assert info["unexpected_keys"] <= {"pooler.dense.weight", "pooler.dense.bias"}  # the feature pooler, unused
+    assert card_code(out / "README.md")["classifier"].num_labels == 10  # the card's load lines run as written
     extract = pipeline("image-feature-extraction", model=str(out), device="cpu", pool=True)
     image = Image.new("L", (28, 28), 90)  # a grayscale file: the processor converts it to RGB
     assert torch.equal(torch.tensor(extract(image)), torch.tensor(extract(image)))
@@ -119,6 +127,8 @@ def test_model_card_in_the_hub_convention(tmp_path):
     assert "| knn | 41.25 | 88.50 | raw_pixels 37.00, scratch 30.50 |" in text
     assert "divided by 3" in text and f"timm.create_model('local-dir:{out}'" in text
     assert "`fashion-mnist` shards (10 classes" in text
+    namespace = card_code(out / "README.md")  # the card's load lines run as written
+    assert namespace["model"].num_classes == 10 and namespace["config"]["input_size"] == (3, 32, 32)
 
 
 def test_a_card_without_records_says_so(tmp_path):

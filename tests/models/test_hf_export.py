@@ -37,7 +37,8 @@ def test_folder_loads_in_transformers_offline(hf_folder, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, out = hf_folder
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    names = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == names
     pretraining = ViTMAEForPreTraining.from_pretrained(out, local_files_only=True).eval()
     assert pretraining.config.layer_norm_eps == 1e-6 and pretraining.config.norm_pix_loss
     x = torch.randn(2, 3, 32, 32)
