@@ -16,6 +16,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import Block
 
 from mae_timm.models.mae import MaskedAutoencoderViT, checkpoint_filter_fn
 
@@ -255,6 +256,8 @@ def _check_hf_convertible(model: nn.Module) -> None:
     if model.loss_on_all_patches:
         raise ValueError("HF ViTMAE computes the loss on removed patches only; set loss_on_all_patches=False")
     def plain(block: nn.Module) -> bool:  # HF's ViTLayer: GELU MLP, qkv bias, no LayerScale or qk-norm
+        if type(block) is not Block:  # parallel, residual-post-norm, ... blocks: another layout
+            return False
         extras = (block.ls1, block.ls2, block.attn.q_norm, block.attn.k_norm)
         return all(isinstance(m, nn.Identity) for m in extras) and type(block.mlp.act) is nn.GELU \
             and block.attn.qkv.bias is not None
@@ -310,7 +313,8 @@ def mae_timm_to_hf(model: MaskedAutoencoderViT, mask_ratio: float = 0.75, attn_i
 
 def hf_image_processor(model: nn.Module):
     """A transformers ``ViTImageProcessor`` that prepares images as ``model`` expects them: resized to its input
-    size with its interpolation, scaled to [0, 1], normalised with its mean/std (``pretrained_cfg``)."""
+    size with its interpolation, scaled to [0, 1], normalised with its mean/std (``pretrained_cfg``); a 3-channel
+    model's processor converts every image to RGB first (grayscale and RGBA files work, as in timm's loaders)."""
     transformers = _import_transformers()
     cfg = model.pretrained_cfg
     height, width = model.patch_embed.img_size
@@ -318,4 +322,5 @@ def hf_image_processor(model: nn.Module):
     return transformers.ViTImageProcessor(
         do_resize=True, size={"height": height, "width": width}, resample=resample, do_rescale=True,
         rescale_factor=1 / 255, do_normalize=True, image_mean=list(cfg["mean"]), image_std=list(cfg["std"]),
+        do_convert_rgb=model.patch_embed.proj.in_channels == 3,
     )  # fmt: skip

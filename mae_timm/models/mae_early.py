@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from mae_timm.models.base import ReconstructionOutput
 from mae_timm.models.common import mask_ids_for, pretext_cfg
-from mae_timm.models.pretext_vit import PretextViT, check_head_kwargs, decoder_norm_layer
+from mae_timm.models.pretext_vit import PretextViT, block_num_heads, check_head_kwargs, decoder_norm_layer
 
 __all__ = ["EarlyMaskViT"]
 
@@ -63,7 +63,7 @@ class EarlyMaskViT(PretextViT):
         # the decoder copies the encoder's architecture unless told otherwise
         decoder_embed_dim = decoder_embed_dim or self.embed_dim
         decoder_depth = len(self.blocks) if decoder_depth is None else decoder_depth
-        decoder_num_heads = decoder_num_heads or self.blocks[0].attn.num_heads
+        decoder_num_heads = decoder_num_heads or block_num_heads(self.blocks[0])  # any block layout
         mlp_ratio = decoder_mlp_ratio or encoder_kwargs.get("mlp_ratio", 4.0)
         norm_layer = decoder_norm_layer()
         self.norm_pix_loss = norm_pix_loss

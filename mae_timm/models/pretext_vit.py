@@ -34,7 +34,15 @@ from mae_timm.layers import get_2d_sincos_pos_embed
 from mae_timm.models.base import PretextModel
 from mae_timm.models.common import PixelReconstruction, init_linear_and_norm, pretext_cfg
 
-__all__ = ["PretextViT", "build_encoder", "check_encoder", "check_head_kwargs", "decoder_norm_layer", "sincos_table"]
+__all__ = [
+    "PretextViT",
+    "block_num_heads",
+    "build_encoder",
+    "check_encoder",
+    "check_head_kwargs",
+    "decoder_norm_layer",
+    "sincos_table",
+]
 
 # attributes of a timm-built encoder that describe how *it* was created, not the pretext model
 _NOT_ADOPTED = ("pretrained_cfg", "default_cfg", "pretrained_model_args", "_model_args")
@@ -104,6 +112,16 @@ def check_encoder(vit: nn.Module, name: str) -> None:
                          "pixel pretext does not train; pretrain with global_pool='token' or 'avg'")
     if vit.num_classes:
         raise ValueError(f"encoder {name!r} has a {vit.num_classes}-class head; build it with num_classes=0")
+
+
+def block_num_heads(block: nn.Module) -> int:
+    """The attention heads of an encoder block of any timm layout: ``Block`` (``attn.num_heads``),
+    ``ParallelScalingBlock`` (its own ``num_heads``), ``ParallelThingsBlock`` (``attns[i].attn.num_heads``), ..."""
+    for module in block.modules():  # the block itself first, then its submodules in order
+        heads = vars(module).get("num_heads")
+        if isinstance(heads, int):
+            return heads
+    raise ValueError(f"the encoder's {type(block).__name__} states no num_heads; set decoder_num_heads")
 
 
 def decoder_norm_layer() -> type[nn.LayerNorm]:

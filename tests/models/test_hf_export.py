@@ -11,7 +11,7 @@ import safetensors.torch
 import timm
 import torch
 
-from mae_timm.engine.export import export_hf_folder
+from mae_timm.engine.export import export_hf_mae_folder
 from mae_timm.models import hf_to_mae_timm, mae_timm_from_hf, mae_timm_to_hf
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs the hf extra")
@@ -29,7 +29,7 @@ def randomized_mae(**kwargs) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     model = randomized_mae(norm_pix_loss=True)
-    return model, export_hf_folder(model, tmp_path_factory.mktemp("hf") / "mae", mask_ratio=0.75)
+    return model, export_hf_mae_folder(model, tmp_path_factory.mktemp("hf") / "mae", mask_ratio=0.75)
 
 
 def test_folder_loads_in_transformers_offline(hf_folder, monkeypatch):
@@ -37,7 +37,8 @@ def test_folder_loads_in_transformers_offline(hf_folder, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, out = hf_folder
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    names = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == names
     pretraining = ViTMAEForPreTraining.from_pretrained(out, local_files_only=True).eval()
     assert pretraining.config.layer_norm_eps == 1e-6 and pretraining.config.norm_pix_loss
     x = torch.randn(2, 3, 32, 32)

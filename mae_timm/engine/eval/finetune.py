@@ -40,7 +40,7 @@ from mae_timm.engine.eval.common import (
     topk_accuracy,
     warmup_updates,
 )
-from mae_timm.engine.export import save_finetuned
+from mae_timm.engine.export import loader_label_names, save_finetuned
 from mae_timm.utils import UserError, autocast, autocast_dtype
 from mae_timm.utils.settings import above, at_least, check_settings, fraction
 
@@ -222,5 +222,6 @@ def finetune_evaluate(
         log(dict(protocol="finetune", epochs=cfg.epochs, **history[-1]))
     result = dict(history[-1], history=history, updates=total, recipe_strength=strength, warmup_updates=warmup)
     if cfg.save_dir is not None:  # timm local-dir folder of the classifier: train.py / create_model load it
-        result["saved"] = save_finetuned(classifier, model, cfg.save_dir, result)
+        names = loader_label_names(train_loader)  # the shards' class names, for timm's label_names / HF's id2label
+        result["saved"] = save_finetuned(classifier, model, cfg.save_dir, result, label_names=names)
     return result
