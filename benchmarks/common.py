@@ -197,7 +197,7 @@ def seconds(fn: Callable[[], object], device: torch.device | str, repeats: int =
     for _ in range(repeats):
         fn()
     synchronize(device)
-    return (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / max(repeats, 1)
 
 
 def interleaved_seconds(
