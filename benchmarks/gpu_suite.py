@@ -54,6 +54,7 @@ class SuiteSettings:
     early_mask: tuple[str, ...] = ("vit_t8_64_early_mask",)  # configs of the early-mask section (mae_timm only)
     configs: dict = field(default_factory=lambda: throughput.CONFIGS)  # key -> throughput.BenchConfig
     compiled_modes: tuple[str, ...] = ("compile", "reduce-overhead")  # after eager; peers: "compile" only
+    compiled_implementations: tuple[str, ...] = PEERS  # who runs the "compile" headline rows
     throughput: throughput.BenchSettings = field(default_factory=lambda: throughput.BenchSettings(steps=30, warmup=5))
     end_to_end: end_to_end.EndToEndBench | None = None  # None: no end-to-end section
     loader: loader.LoaderBench | None = None  # None: no loader section
@@ -77,7 +78,8 @@ SMOKE = SuiteSettings(
     headline=("test",),
     early_mask=("test_early_mask",),
     configs=throughput.TINY_CONFIGS,
-    compiled_modes=("compile",),  # inductor on mae_vit_test, mae_timm only (a CPU compiles a model in 30-70 s)
+    compiled_modes=("compile",),  # inductor on mae_vit_test (a busy CPU compiles one model in 30-70 s) ...
+    compiled_implementations=("mae_timm",),  # ... so mae_timm only
     throughput=replace(throughput.TINY_SETTINGS, steps=2, warmup=1, rounds=2),
     end_to_end=replace(end_to_end.TINY, arms=("synthetic", "shards"), rounds=1),
     loader=loader.LoaderBench(images=64, classes=2, img_size=32, batch_size=16, shard_size=16, workers=(1,),
@@ -270,7 +272,7 @@ def build_rows(suite: Suite, device: torch.device, official) -> list[Row]:
 
     rows = [Row("peaks", "peaks", lambda: 3 * bench.matmul_seconds + 5, peaks)]
     for mode in ("eager", *settings.compiled_modes):
-        implementations = ("mae_timm",) if mode == "reduce-overhead" else PEERS
+        implementations = {"eager": PEERS, "compile": settings.compiled_implementations}.get(mode, ("mae_timm",))
         rows += [throughput_row(suite, "headline", key, mode, implementations, device, official)
                  for key in settings.headline]
     for mode in ("eager", *settings.compiled_modes[:1]):
