@@ -222,12 +222,15 @@ class Suite:
 
     def compile_estimate(self, mode: str) -> float:
         """Seconds to compile one graph in ``mode``: 1.25x the slowest measured in that mode (or, for CUDA graphs
-        before any was measured, 1.5x the slowest ``compile``), else the conservative default."""
+        before any was measured, 1.5x the slowest ``compile``), never under half the conservative default (another
+        model may compile slower than the one measured), else that default."""
         if mode in self.compile_measured:
-            return 1.25 * self.compile_measured[mode]
-        if mode == "reduce-overhead" and "compile" in self.compile_measured:
-            return 1.5 * self.compile_measured["compile"]
-        return self.settings.compile_s
+            measured = 1.25 * self.compile_measured[mode]
+        elif mode == "reduce-overhead" and "compile" in self.compile_measured:
+            measured = 1.5 * self.compile_measured["compile"]
+        else:
+            return self.settings.compile_s
+        return max(measured, 0.5 * self.settings.compile_s)
 
     def record_compile(self, mode: str, rows: list[dict]) -> None:
         seen = [s for r in rows for s in r.get("warmup_s", {}).values()]
