@@ -1,4 +1,5 @@
-"""What the benchmarks share: FLOP counting three ways, and the header that names where a figure came from.
+"""What the benchmarks share: FLOP counting three ways, one timer, and one report writer (the run header that names
+where a figure came from, then ``<stem>.md`` and ``<stem>.json``).
 
 FLOP convention. fvcore counts one multiply-add as one flop; torch's ``FlopCounterMode`` (and hardware peaks)
 count two. In this project ``MACs`` always means multiply-adds (fvcore's number) and ``FLOPs`` means
@@ -16,9 +17,12 @@ also what ``FlopCounterMode`` counts, so the three counters below can be compare
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
+import shutil
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from math import prod
@@ -36,10 +40,14 @@ __all__ = [
     "counted_flops",
     "datasheet_peak_tflops",
     "describe_run",
+    "environment",
+    "interleaved_seconds",
     "fvcore_macs",
     "mae_macs",
     "markdown_table",
     "sdpa_flop_jit",
+    "seconds",
+    "synchronize",
     "vit_macs",
     "write_results",
 ]
@@ -175,12 +183,71 @@ def datasheet_peak_tflops(device: torch.device, dtype: str) -> float | None:
     return None
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (a no-op off CUDA): every timer below calls it at both ends."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn: Callable[[], object], device: torch.device | str, repeats: int = 1) -> float:
+    """Wall seconds per call of ``fn`` over ``repeats`` calls, the device synchronized before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / max(repeats, 1)
+
+
+def interleaved_seconds(
+    calls: dict, device: torch.device | str, rounds: int, repeats: int = 1, rotate: bool = True
+) -> dict[object, list[float]]:
+    """Seconds per call of every arm of ``calls``, timed A B C A B C ... over ``rounds`` rounds (``repeats`` calls
+    per arm per round; the order rotated each round when ``rotate``), so a drifting machine slows all arms alike.
+    Returns the per-round figures of each arm; report their median (``statistics.median``)."""
+    keys = list(calls)
+    times: dict[object, list[float]] = {key: [] for key in keys}
+    for round_index in range(rounds):
+        turn = round_index % len(keys) if rotate and keys else 0
+        for key in keys[turn:] + keys[:turn]:
+            times[key].append(seconds(calls[key], device, repeats))
+    return times
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Everything about the machine a figure depends on, cheap to read: :func:`describe_run` plus the GPU driver
+    and CUDA version, torchvision / transformers / webdataset versions, ``/dev/shm`` size and CPU count."""
+    run = describe_run(device)
+    for name in ("torchvision", "transformers", "webdataset"):
+        try:
+            module = __import__(name)
+            run["versions"] += f", {name} {getattr(module, '__version__', '?')}"
+        except ImportError:
+            run["versions"] += f", {name} absent"
+    run["cuda"] = f"torch built with CUDA {torch.version.cuda}; driver {_nvidia_driver()}"
+    try:
+        shm = shutil.disk_usage("/dev/shm")
+        run["/dev/shm"] = f"{shm.total / 2**30:.1f} GiB ({shm.free / 2**30:.1f} GiB free)"
+    except OSError as error:
+        run["/dev/shm"] = f"unreadable ({error})"
+    return run
+
+
+def _nvidia_driver() -> str:
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().splitlines()[0].split("Kernel Module")[-1].split()[0]
+    except (OSError, IndexError):
+        return "unknown (no /proc/driver/nvidia/version)"
+
+
 def describe_run(device: torch.device) -> dict[str, str]:
     """Where and how a figure was taken: device, library versions, the command line, the time (UTC)."""
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"{_cpu_model()} ({torch.get_num_threads()} threads)"
+    device_name += f"; {os.cpu_count()} CPU cores visible"
     versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__}
     for name in ("fvcore", "transformers"):
         module = sys.modules.get(name)

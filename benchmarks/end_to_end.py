@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -220,7 +219,6 @@ def run_bench(bench: EndToEndBench, data: Path | None, device: torch.device, out
     if bench.precision == "auto":  # name what pretrain's "auto" picks, for the results
         bench = replace(bench, precision="bf16" if device.type == "cuda" else "fp32")
     run = describe_run(device)
-    run["device"] += f", {os.cpu_count()} CPU cores visible"
     run["versions"] += f", webdataset {webdataset.__version__}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -45,7 +45,7 @@ import webdataset
 from PIL import Image
 from torchvision import transforms
 
-from benchmarks.common import describe_run, markdown_table, write_results
+from benchmarks.common import describe_run, markdown_table, synchronize, write_results
 from mae_timm.data import create_loader, imagefolder, write_source
 from mae_timm.data.decode import DECODERS, center_crop, decode_batch, decode_resized, encode_batch
 
@@ -89,11 +89,6 @@ def write_folder(root: Path, bench: LoaderBench) -> float:
         (folder / f"{i:06d}.JPEG").write_bytes(data)
         sizes.append(len(data))
     return float(np.mean(sizes))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_epochs(make_loader, repeats: int, device: torch.device) -> dict[str, float]:
@@ -258,7 +253,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def describe(device: torch.device) -> dict[str, str]:
     """The run header, with the cores and the load this benchmark depends on."""
     run = describe_run(device)
-    run["device"] += f"; {os.cpu_count()} CPU cores visible"
     run["versions"] += f", torchvision {torchvision.__version__}, webdataset {webdataset.__version__}, "
     run["versions"] += f"pillow {PIL.__version__}"
     return run

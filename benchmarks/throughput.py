@@ -5,8 +5,9 @@
 
 A training step is forward + backward + fused AdamW step under bf16 autocast, on a fixed random batch, with
 75 % of the patches masked and the norm-pix loss. Inference is the same forward (mask, decoder, loss) under
-``torch.inference_mode``. Every row warms up first (compilation, autotuning, allocator growth), synchronizes,
-then times ``steps`` steps. TFLOP/s use the model FLOPs that ``FlopCounterMode`` counts for one step of the
+``torch.inference_mode``. Every row warms up alone first (compilation, autotuning, allocator growth), then the
+implementations of one config and mode take their timed steps interleaved (A B C A B C ..., medians of rounds).
+TFLOP/s use the model FLOPs that ``FlopCounterMode`` counts for one step of the
 eager model (2 per multiply-add; attention included; recomputation inside fused kernels is not counted); MFU
 divides them by the peak of a large matmul in the same dtype, measured at the start of the same run, and, on a GPU
 whose datasheet peak is known (``common.datasheet_peak_tflops``), by that peak too.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +39,15 @@ import torch
 from torch import nn
 
 import mae_timm  # noqa: F401  (registers the models)
-from benchmarks.common import counted_flops, datasheet_peak_tflops, describe_run, markdown_table, write_results
+from benchmarks.common import (
+    counted_flops,
+    datasheet_peak_tflops,
+    describe_run,
+    interleaved_seconds,
+    markdown_table,
+    seconds,
+    write_results,
+)
 from benchmarks.official_mae import load_official_mae, official_like
 from mae_timm.models import MaskedAutoencoderViT
 from mae_timm.models.convert import mae_timm_to_hf
@@ -79,10 +89,13 @@ class BenchSettings:
     peer_modes: tuple[str, ...] | None = None  # modes of the official and HF peers; None: the same as `modes`
     implementations: tuple[str, ...] = IMPLEMENTATIONS  # 'official' runs only when an --official-dir is given
     matmul_size: int = 8192  # square matmul whose speed is the MFU denominator
+    matmul_seconds: float = 1.0  # the matmul peak is timed over at least this long
+    rounds: int = 5  # timed steps are split into this many interleaved rounds; rows give the median round
     seed: int = 0
 
 
-TINY_SETTINGS = BenchSettings(steps=2, warmup=1, dtype="float32", modes=("eager",), matmul_size=256)
+TINY_SETTINGS = BenchSettings(steps=2, warmup=1, dtype="float32", modes=("eager",), matmul_size=256,
+                              matmul_seconds=0.01, rounds=2)
 
 
 @dataclass
@@ -134,47 +147,20 @@ def build(implementation: str, config: BenchConfig, settings: BenchSettings, dev
     return Pretext(hf_model.to(device), hf_loss, images)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 20) -> float:
-    """TFLOP/s of a ``size`` x ``size`` x ``size`` matmul in ``dtype``: the denominator of MFU."""
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, min_seconds: float = 1.0) -> float:
+    """TFLOP/s of a ``size`` x ``size`` x ``size`` matmul in ``dtype``, timed over at least ``min_seconds`` (the
+    repeat count doubles until one timing lasts that long): the denominator of MFU."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+    seconds(lambda: a @ b, device, repeats=3)  # warm-up
+    repeats = 1
+    while (elapsed := seconds(lambda: a @ b, device, repeats) * repeats) < min_seconds:
+        repeats *= 2
+    return 2 * size**3 * repeats / elapsed / 1e12
 
 
-def seconds_per_step(step: Callable[[], torch.Tensor], settings: BenchSettings, device: torch.device) -> tuple:
-    """(seconds per timed step, loss of the last step, peak memory in GiB or None on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(settings.warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(settings.steps):
-        loss = step()
-    synchronize(device)
-    elapsed = (time.perf_counter() - start) / settings.steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return elapsed, float(loss), peak
-
-
-def measure(
-    pretext: Pretext, mode: str, settings: BenchSettings, device: torch.device, flops: dict[str, int], peak: float,
-    datasheet: float | None = None,
-) -> dict:
-    """Inference and training speed of one (model, mode): img/s, ms/step, TFLOP/s, MFU against the measured
-    ``peak`` and the ``datasheet`` peak (None: unknown), peak memory, loss."""
+def make_steps(pretext: Pretext, mode: str, settings: BenchSettings, device: torch.device) -> dict:
+    """phase ('infer', 'train') -> a call that runs one step of ``pretext`` in ``mode`` and returns its loss."""
     dtype = getattr(torch, settings.dtype)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     model = pretext.model if mode == "eager" else torch.compile(pretext.model, mode=_compile_mode(mode))
@@ -204,20 +190,71 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
 
-    row = {"mode": mode, "batch_size": pretext.images.shape[0]}
-    for phase, step in (("infer", infer_step), ("train", train_step)):
-        seconds, loss, memory = seconds_per_step(step, settings, device)
-        tflops = flops[phase] / seconds / 1e12
-        row[phase] = {
-            "img_per_s": pretext.images.shape[0] / seconds,
-            "ms_per_step": seconds * 1e3,
-            "tflops": tflops,
-            "mfu": tflops / peak,
-            "mfu_datasheet": None if datasheet is None else tflops / datasheet,
-            "peak_memory_gib": memory,
-            "loss": loss,
-        }
-    return row
+    return {"infer": infer_step, "train": train_step}
+
+
+def measure_group(
+    config: BenchConfig,
+    mode: str,
+    implementations: tuple[str, ...],
+    settings: BenchSettings,
+    device: torch.device,
+    peak: float,
+    official: ModuleType | None = None,
+    datasheet: float | None = None,
+    phases: tuple[str, ...] = ("infer", "train"),
+) -> list[dict]:
+    """The rows of ``implementations`` on ``config`` in one ``mode``, timed side by side.
+
+    Each implementation is built from the same weights and warmed up alone (``warmup`` steps per phase, at least
+    one: compilation happens there, and the first step, drawn from ``seed``, gives the row's loss); then the timed
+    steps of every implementation run interleaved, A B C A B C ..., in ``rounds`` rounds of ``steps // rounds``
+    steps (the order rotated each round), and a row gives the median round. An implementation without such a
+    model (early mask for the peers; official without ``--official-dir``) gives no row; one that fails gives a
+    row with its ``error`` and the others go on."""
+    rows, steps = {}, {}
+    for implementation in implementations:
+        row = {"config": config.key, "model": config.model_name, "implementation": implementation, "mode": mode}
+        try:
+            pretext = build(implementation, config, settings, device, official)
+            if pretext is None:
+                continue
+            flops = step_flops(pretext, settings)
+            row |= {"batch_size": config.batch_size, "warmup_s": {},
+                    "gflops_per_image": {phase: flops[phase] / config.batch_size / 1e9 for phase in phases}}
+            steps[implementation] = make_steps(pretext, mode, settings, device)
+            for phase in phases:
+                step = steps[implementation][phase]
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                torch.manual_seed(settings.seed)  # the same masks for the implementations that draw them alike
+                started = time.perf_counter()
+                first_loss = float(step())  # waits for the step
+                seconds(step, device, max(settings.warmup - 1, 0))
+                memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                row["warmup_s"][phase] = time.perf_counter() - started
+                row[phase] = {"loss": first_loss, "peak_memory_gib": memory, "flops": flops[phase]}
+        except Exception as error:  # noqa: BLE001  (one failing implementation must not lose the others)
+            row["error"] = f"{type(error).__name__}: {error}"
+            steps.pop(implementation, None)
+            print(f"{config.key} {implementation} {mode}: failed: {row['error']}", flush=True)
+        rows[implementation] = row
+    rounds = max(1, min(settings.rounds, settings.steps))
+    for phase in phases:
+        calls = {implementation: step[phase] for implementation, step in steps.items()}
+        times = interleaved_seconds(calls, device, rounds, repeats=max(1, settings.steps // rounds))
+        for implementation, per_round in times.items():
+            result, per_step = rows[implementation][phase], statistics.median(per_round)
+            tflops = result.pop("flops") / per_step / 1e12
+            result |= {"img_per_s": config.batch_size / per_step, "ms_per_step": per_step * 1e3, "tflops": tflops,
+                       "mfu": tflops / peak, "mfu_datasheet": None if datasheet is None else tflops / datasheet,
+                       "round_ms_per_step": [t * 1e3 for t in per_round]}
+    for row in rows.values():
+        if "error" not in row:
+            print(_row_line(row, phases[-1]), flush=True)
+    del steps
+    release(device)
+    return list(rows.values())
 
 
 def _compile_mode(mode: str) -> str:
@@ -252,93 +289,72 @@ def release(device: torch.device) -> None:
 
 
 def run_config(config: BenchConfig, settings: BenchSettings, device: torch.device, peak: float,
-               official: ModuleType | None = None, datasheet: float | None = None,
-               stop: Callable[[], bool] = lambda: False, on_row: Callable[[dict], None] = lambda row: None) -> list:
-    """All rows of one config: each implementation in each of its modes. ``stop()`` is asked before each row (a
-    time budget): once it says yes, the remaining rows are recorded as skipped. ``on_row`` sees each row."""
+               official: ModuleType | None = None, datasheet: float | None = None) -> list[dict]:
+    """All rows of one config: for each mode, mae_timm (when the mode is in ``modes``) and the peers (when it is in
+    ``peer_modes``), timed side by side (:func:`measure_group`)."""
+    peer_modes = settings.modes if settings.peer_modes is None else settings.peer_modes
     rows = []
-    for implementation in settings.implementations:
-        peer = implementation != "mae_timm" and settings.peer_modes is not None
-        modes = settings.peer_modes if peer else settings.modes
-        if not modes:
-            continue
-        if stop():
-            rows += [_skipped(config, implementation, mode) for mode in modes]
-            continue
-        pretext = build(implementation, config, settings, device, official)
-        if pretext is None:
-            continue
-        flops = step_flops(pretext, settings)
-        initial_state = {k: v.clone() for k, v in pretext.model.state_dict().items()}
-        for mode in modes:
-            if stop():
-                rows.append(_skipped(config, implementation, mode))
-                continue
-            pretext.model.load_state_dict(initial_state)  # every mode trains from the same weights and seed
-            torch.manual_seed(settings.seed)
-            row = {"config": config.key, "model": config.model_name, "implementation": implementation}
-            row |= measure(pretext, mode, settings, device, flops, peak, datasheet)
-            row["gflops_per_image"] = {phase: flops[phase] / config.batch_size / 1e9 for phase in flops}
-            rows.append(row)
-            on_row(row)
-            print(_row_line(row), flush=True)
-            release(device)
-        del pretext, initial_state
-        release(device)
+    for mode in dict.fromkeys(settings.modes + peer_modes):
+        implementations = tuple(i for i in settings.implementations
+                                if mode in (settings.modes if i == "mae_timm" else peer_modes))
+        rows += measure_group(config, mode, implementations, settings, device, peak, official, datasheet)
     return rows
 
 
-def _skipped(config: BenchConfig, implementation: str, mode: str) -> dict:
-    return {"config": config.key, "model": config.model_name, "implementation": implementation, "mode": mode,
-            "skipped": "time budget"}
-
-
-def _row_line(row: dict) -> str:
-    train, infer = row["train"], row["infer"]
-    return (
-        f"{row['config']:22s} {row['implementation']:8s} {row['mode']:15s} "
-        f"train {train['img_per_s']:10.1f} img/s {train['ms_per_step']:9.2f} ms  MFU {train['mfu']:6.1%}  "
-        f"infer {infer['img_per_s']:10.1f} img/s"
-    )
+def _row_line(row: dict, phase: str = "train") -> str:
+    result = row[phase]
+    return (f"{row['config']:22s} {row['implementation']:8s} {row['mode']:15s} {phase} {result['img_per_s']:10.1f} "
+            f"img/s {result['ms_per_step']:9.2f} ms  MFU {result['mfu']:6.1%}")
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def peer_ratio(row: dict, rows: list[dict], peer: str, phase: str) -> float | None:
+    """mae_timm's img/s over ``peer``'s on the same config in the SAME mode; None when that peer row is missing
+    (not run, skipped, failed, or without this phase)."""
+    for other in rows:
+        same = other["config"] == row["config"] and other["mode"] == row["mode"]
+        if same and other["implementation"] == peer and "img_per_s" in other.get(phase, {}):
+            return row[phase]["img_per_s"] / other[phase]["img_per_s"]
+    return None
+
+
 def render(rows: list[dict], peak: float, settings: BenchSettings, datasheet: float | None = None) -> str:
-    """Markdown: the matmul peaks, then training and inference tables (with each row's speed-up over the best
-    peer in the same mode family), then the rows a time budget skipped."""
+    """Markdown: the matmul peaks, then training and inference tables (each mae_timm row over each peer in the same
+    mode; 'missing' where that peer row is missing), then the rows that failed or were not run."""
     sheet = "unknown for this device" if datasheet is None else f"{datasheet:.4g} TFLOP/s"
     lines = [
-        f"{settings.dtype} matmul peak ({settings.matmul_size}^3, same run): {peak:.3g} TFLOP/s; datasheet dense "
-        f"peak: {sheet}. {settings.warmup} warm-up + {settings.steps} timed steps per row; mask ratio "
-        f"{settings.mask_ratio}; random input (one batch, on the device); norm-pix loss; fused AdamW.",
+        f"{settings.dtype} matmul peak ({settings.matmul_size}^3, >= {settings.matmul_seconds:g} s, same run): "
+        f"{peak:.3g} TFLOP/s; datasheet dense peak: {sheet}. {settings.warmup} warm-up steps per row alone, then "
+        f"{settings.steps} timed steps interleaved with the other implementations of the same config and mode in "
+        f"{settings.rounds} rounds (median round); mask ratio {settings.mask_ratio}; random input (one batch, on the "
+        "device); norm-pix loss; fused AdamW.",
     ]
-    done = [r for r in rows if "skipped" not in r]
-    header = ["config", "implementation", "mode", "batch", "img/s", "vs best peer", "ms/step", "GFLOP/img",
-              "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)", "peak mem (GiB)", "loss"]
+    header = ["config", "implementation", "mode", "batch", "img/s", "vs official", "vs HF", "ms/step", "GFLOP/img",
+              "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)", "peak mem (GiB)", "first loss", "warm-up (s)"]
     for phase, title in (("train", "Training step (forward + backward + AdamW)"), ("infer", "Inference (forward)")):
-        table = [
-            [r["config"], r["implementation"], r["mode"], r["batch_size"], f"{r[phase]['img_per_s']:.0f}",
-             _vs_best_peer(r, done, phase), f"{r[phase]['ms_per_step']:.2f}", f"{r['gflops_per_image'][phase]:.4g}",
-             f"{r[phase]['tflops']:.3g}", f"{r[phase]['mfu']:.1%}", _fmt(r[phase].get("mfu_datasheet"), ".1%"),
-             _fmt(r[phase]["peak_memory_gib"], ".2f"), f"{r[phase]['loss']:.4f}"]
-            for r in done
-        ]
+        done = [r for r in rows if "img_per_s" in r.get(phase, {})]
+        if not done:
+            continue
+        table = []
+        for r in done:
+            ratios = ["—"] * 2
+            if r["implementation"] == "mae_timm":
+                ratios = [_fmt(peer_ratio(r, rows, peer, phase), ".2f").replace("—", "missing") for peer in
+                          ("official", "hf")]
+            result = r[phase]
+            table.append([r["config"], r["implementation"], r["mode"], r["batch_size"], f"{result['img_per_s']:.0f}",
+                          *ratios, f"{result['ms_per_step']:.2f}", f"{r['gflops_per_image'][phase]:.4g}",
+                          f"{result['tflops']:.3g}", f"{result['mfu']:.1%}", _fmt(result["mfu_datasheet"], ".1%"),
+                          _fmt(result["peak_memory_gib"], ".2f"), f"{result['loss']:.4f}",
+                          f"{r['warmup_s'][phase]:.1f}"])
         lines += ["", f"{title}:", "", markdown_table(header, table)]
-    skipped = [f"{r['config']} {r['implementation']} {r['mode']}" for r in rows if "skipped" in r]
-    if skipped:
-        lines += ["", f"Not measured (time budget spent): {', '.join(skipped)}."]
+    failed = [f"{r['config']} {r['implementation']} {r['mode']}: {r['error']}" for r in rows if "error" in r]
+    if failed:
+        lines += ["", "Failed:", "", *[f"- {line}" for line in failed]]
     return "\n".join(lines)
-
-
-def _vs_best_peer(row: dict, rows: list[dict], phase: str) -> str:
-    """mae_timm's img/s over the fastest peer of the same config in any mode ('—' for peers and without one)."""
-    peers = [r[phase]["img_per_s"] for r in rows if r["config"] == row["config"] and r["implementation"] != "mae_timm"]
-    if row["implementation"] != "mae_timm" or not peers:
-        return "—"
-    return f"{row[phase]['img_per_s'] / max(peers):.2f}x"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -372,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     official = load_official_mae(args.official_dir) if args.official_dir else None
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
-    peak = matmul_peak_tflops(device, getattr(torch, settings.dtype), settings.matmul_size)
+    peak = matmul_peak_tflops(device, getattr(torch, settings.dtype), settings.matmul_size, settings.matmul_seconds)
     datasheet = datasheet_peak_tflops(device, settings.dtype)
     print(f"{settings.dtype} matmul peak: {peak:.3g} TFLOP/s on {device} (datasheet: {datasheet})", flush=True)
     run = describe_run(device)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import describe_run, markdown_table, write_results
+from benchmarks.common import describe_run, markdown_table, synchronize, write_results
 from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.distributed import DistInfo
 from mae_timm.engine.train.model_setup import build_model
@@ -49,11 +49,10 @@ class Arm:
         stamps = []
         for update in range(self.step, self.step + updates):
             if self.sync_each_update:
-                torch.cuda.synchronize(info.device)
+                synchronize(info.device)
             stamps.append(time.perf_counter())
             self.trainer.step(update, [images])
-        if info.device.type == "cuda":
-            torch.cuda.synchronize(info.device)
+        synchronize(info.device)
         stamps.append(time.perf_counter())
         self.step += updates
         return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import mae_timm  # noqa: F401  (registers the models)
-from benchmarks import flops, gpu_suite, throughput
+from benchmarks import flops, throughput
 from benchmarks.common import counted_flops, datasheet_peak_tflops, fvcore_macs, mae_macs, vit_macs
 from benchmarks.official_mae import block_without_qk_scale, load_official_mae, official_like
 
@@ -143,33 +143,6 @@ def test_official_peer_is_adapted_to_todays_timm():
 
 def test_datasheet_peak_is_none_off_gpu():
     assert datasheet_peak_tflops(torch.device("cpu"), "bfloat16") is None
-
-
-def test_gpu_suite_smoke_runs_every_section(tmp_path):
-    """The whole suite on CPU (what CI runs): every section writes into --out, the official peer included."""
-    assert gpu_suite.main(["--smoke", "--official-dir", str(OFFICIAL_STAND_IN), "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert results["run"]["command"].endswith(f"--out {tmp_path}") and "torchvision" in results["run"]["versions"]
-    rows = results["throughput"]["test"]
-    assert {(r["implementation"], r["mode"]) for r in rows} == {("mae_timm", "eager"), ("official", "eager"),
-                                                                ("hf", "eager")}
-    losses = {r["implementation"]: r["train"]["loss"] for r in rows}  # same weights, same seed, same masks
-    assert losses["official"] == pytest.approx(losses["mae_timm"]) == pytest.approx(losses["hf"])
-    assert [r["implementation"] for r in results["throughput"]["test_early_mask"]] == ["mae_timm"]
-    assert {(r["loader"], r["decoder"]) for r in results["loader"]["rows"]} == {
-        ("ImageFolder", "decode only"), ("mae_timm create_loader", "torchvision"), ("mae_timm create_loader", "device")}
-    assert [r["arm"] for r in results["end_to_end"]["rows"]] == ["synthetic", "shards"]
-    markdown = (tmp_path / "gpu_suite.md").read_text()
-    assert "## Throughput: test" in markdown and "## Loader" in markdown and "## End to end" in markdown
-
-
-def test_gpu_suite_budget_skips_rows_and_says_so(tmp_path):
-    report = gpu_suite.Report(tmp_path, {"command": "x"}, gpu_suite.SMOKE)
-    report.results["peaks"] = dict(matmul_tflops=1.0, datasheet_tflops=None)
-    gpu_suite.throughput_pass(report, torch.device("cpu"), None, ("eager",), ("eager",), stop=lambda: True)
-    rows = report.results["throughput"]["test"]
-    assert rows and all(r["skipped"] == "time budget" for r in rows)
-    assert "Not measured (time budget spent): test mae_timm eager" in (tmp_path / "gpu_suite.md").read_text()
 
 
 @pytest.mark.gpu

@@ -1,17 +1,17 @@
 """Properties of the masking ops over many drawn batches, lengths, ratios and dtypes; the vectorised block and
-grid masks against the per-sample loops they replaced (kept as the reference in ``benchmarks/masking.py``)."""
+grid masks against the per-sample loops they replaced (kept as the reference in ``masking_reference.py``)."""
 
 
 import pytest
 import torch
 from hypothesis import given
-from strategies import bad_mask_ratios, patch_grids, seeds, token_batches
-
-from benchmarks.masking import (
+from masking_reference import (
     reference_block_masking,
     reference_grid_masking,
     reference_sample_blocks,
 )
+from strategies import bad_mask_ratios, patch_grids, seeds, token_batches
+
 from mae_timm import block_masking, gather_tokens, grid_masking, random_masking, random_masking_ids, restore_tokens
 from mae_timm.layers import num_kept
 from mae_timm.layers.masking import _BLOCK_ATTEMPTS, _ids_with_exact_count, _sample_blocks
