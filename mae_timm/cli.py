@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": ("evaluate", "fine-tune the encoder as a timm VisionTransformer"),
     "visualize": ("visualize", "write an original | masked | reconstruction figure for an image"),
     "export": ("export", "export the encoder as a timm local-dir folder (or a transformers folder, or safetensors)"),
+    "compare": ("compare", "does pretraining help on these images? arms x seeds, hold-out choices, test once"),
     "demo": ("demo", "pretrain a small model on bundled Fashion-MNIST images, then kNN + figures"),
 }
 

@@ -77,6 +77,9 @@ class FinetuneConfig:
     fc_norm: bool = True  # final LayerNorm after the pool (MAE fine-tune); False: before it, as in pretraining
     crop_scale_min: float = 0.08  # RandomResizedCrop scale (.., 1) at the full recipe + flip, on the device
     clip_grad: float | None = None  # max gradient norm; None: no clipping
+    # partial fine-tuning (MAE paper, fig. 9): None trains everything; k trains only the last k blocks, the final
+    # norms and the head (patch embedding, position table and the earlier blocks stay frozen)
+    tune_last_blocks: int | None = None
     seed: int = 0  # head init, shuffling, crops, mixup draws
     # write the fine-tuned classifier here (timm local-dir folder last/, with metrics); `mae-timm finetune`
     # defaults it to <out>/finetuned
@@ -93,7 +96,7 @@ _FINETUNE_RULES = dict(
     batch_size=at_least(1), blr=above(0), min_lr=at_least(0), weight_decay=at_least(0),
     layer_decay=fraction(one=True), drop_path_rate=fraction(zero=True), label_smoothing=fraction(zero=True),
     mixup=at_least(0), cutmix=at_least(0), global_pool=GLOBAL_POOLS, crop_scale_min=fraction(one=True),
-    clip_grad=above(0),
+    clip_grad=above(0), tune_last_blocks=at_least(0),
 )
 
 
@@ -110,7 +113,21 @@ def create_classifier(model: nn.Module, num_classes: int, cfg: FinetuneConfig, d
     )  # fmt: skip
     nn.init.trunc_normal_(classifier.head.weight, std=2e-5)  # as the MAE fine-tune: a near-zero head
     nn.init.zeros_(classifier.head.bias)
+    if cfg.tune_last_blocks is not None:
+        freeze_all_but_last_blocks(classifier, cfg.tune_last_blocks)
     return classifier
+
+
+def freeze_all_but_last_blocks(classifier: nn.Module, k: int) -> None:
+    """Partial fine-tuning (MAE fig. 9): only the last ``k`` blocks, the norms after them and the head train."""
+    depth = len(classifier.blocks)
+    if k > depth:
+        raise UserError(f"tune_last_blocks must be in 0..{depth} (the encoder's depth), got {k}")
+    trainable = {f"blocks.{i}." for i in range(depth - k, depth)}
+    for name, param in classifier.named_parameters():
+        block = name.startswith("blocks.")
+        param.requires_grad = (not block and name.split(".")[0] in ("norm", "fc_norm", "head")) or (
+            block and any(name.startswith(prefix) for prefix in trainable))
 
 
 def _mixup_and_criterion(cfg: FinetuneConfig, num_classes: int, strength: float) -> tuple[Mixup | None, nn.Module]:
@@ -161,12 +178,15 @@ def finetune_evaluate(
     device,
     *,
     log: Callable[[dict], None] = print_record,
+    on_epoch: Callable[[nn.Module, dict], None] | None = None,
 ) -> dict:
     """Fine-tune the encoder (timm VisionTransformer + new head) end to end; accuracy on ``val_loader`` per epoch.
 
     ``train_loader`` yields decoded uint8 batches (N, C, S, S) at the model's input size; RandAugment, crops, flips,
     erasing and mixup are drawn here from the global generators that ``cfg.seed`` seeds. The last epoch's accuracy
-    is reported (no epoch is chosen on the validation split). ``log`` gets one record (dict) per epoch.
+    is reported (no epoch is chosen on the validation split). ``log`` gets one record (dict) per epoch;
+    ``on_epoch(classifier, record)`` is called after each epoch's evaluation (e.g. to keep the best state when
+    ``val_loader`` is a hold-out of the training split).
     """
     if cfg.warmup_epochs < 0 or not 0 <= cfg.max_warmup_fraction < 1:
         raise UserError(f"fine-tune warmup_epochs must be >= 0 and max_warmup_fraction in [0, 1), got "
@@ -220,6 +240,8 @@ def finetune_evaluate(
         accuracy = topk_accuracy(*predict(classifier, labelled(val_loader, "validation"), normalize, device))
         history.append(dict(epoch=epoch + 1, train_loss=loss.item(), **accuracy))
         log(dict(protocol="finetune", epochs=cfg.epochs, **history[-1]))
+        if on_epoch is not None:
+            on_epoch(classifier, history[-1])
     result = dict(history[-1], history=history, updates=total, recipe_strength=strength, warmup_updates=warmup)
     if cfg.save_dir is not None:  # timm local-dir folder of the classifier: train.py / create_model load it
         names = loader_label_names(train_loader)  # the shards' class names, for timm's label_names / HF's id2label

@@ -19,7 +19,7 @@ from mae_timm.engine.eval.common import GLOBAL_POOLS, encoder_features, frozen_f
 from mae_timm.utils import UserError
 from mae_timm.utils.settings import check_settings
 
-__all__ = ["knn_evaluate", "knn_on_features", "knn_scores"]
+__all__ = ["knn_evaluate", "knn_on_features", "knn_scores", "standardized"]
 
 
 @dataclass
@@ -31,6 +31,9 @@ class KnnConfig:
     report_k: tuple[int, int, int] = (10, 20, 200)  # also report top-1 at these k (top1_by_k), from the same search
     global_pool: str = "avg"  # 'avg': mean of the patch tokens (every model has them); 'token': the class token
     feature_blocks: int = 1  # concatenate the pooled tokens of the last N blocks (each through the final norm)
+    # standardise every feature dimension with the memory bank's mean and std before the cosine (train statistics;
+    # for raw pixels: per-pixel standardisation)
+    standardize: bool = False
 
     def __post_init__(self):  # k and temperature: knn_evaluate checks them
         check_settings(self, dict(global_pool=GLOBAL_POOLS))
@@ -65,6 +68,15 @@ def knn_scores(
     return scores[k] if isinstance(k, int) else scores
 
 
+def standardized(train_features: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each dimension minus the training features' mean, over their std (dims that never vary: divided by 1):
+    train (M, D), others (Q, D) -> the same shapes, float32."""
+    train_features = train_features.float()
+    mean, std = train_features.mean(0), train_features.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return tuple((x.float() - mean) / std for x in (train_features, *others))
+
+
 def knn_on_features(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -79,6 +91,8 @@ def knn_on_features(
         raise UserError(f"kNN needs k >= 1 and temperature > 0, got k={cfg.k}, report_k={cfg.report_k}, "
                         f"temperature={cfg.temperature}")  # fmt: skip
     device = torch.device(device)
+    if cfg.standardize:
+        train_features, val_features = standardized(train_features, val_features)
     ks = tuple(sorted({cfg.k, *cfg.report_k}))
     scores = knn_scores(
         train_features.to(device), train_labels.to(device), val_features.to(device), num_classes,

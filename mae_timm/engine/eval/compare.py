@@ -1,0 +1,388 @@
+"""``mae-timm compare``: does pretraining help on these images? Arms x seeds, choices on a hold-out, test once.
+
+For every arm (raw pixels, scratch, a pretext model) and seed: pretrain (arms that do), then on a hold-out carved
+from the training split choose kNN (features, standardisation, k), linear-probe (features, lr, epochs), fine-tune and
+partial fine-tune (the epoch) settings; write ``runs/<arm>/seed<s>/choices.json``. When every arm-seed has its
+choices, the test split is read once and each is measured with its choices (``test.json``); then
+``compare.json``, ``compare.md`` and ``accuracy_vs_updates.png`` (:mod:`~mae_timm.engine.eval.compare_report`).
+A killed compare picks up: finished files are not redone and pretraining resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import mae_timm
+from mae_timm.data.shards import read_info
+from mae_timm.engine.checkpoint import list_checkpoints, load_model
+from mae_timm.engine.eval import holdout as ho
+from mae_timm.engine.eval.common import normalizer
+from mae_timm.engine.eval.finetune import FinetuneConfig
+from mae_timm.engine.eval.knn import KnnConfig, knn_on_features
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.engine.train.model_setup import build_model
+from mae_timm.engine.train.pretrain import pretrain
+from mae_timm.utils import UserError, atomic_write, resolve_device, seed_everything
+
+__all__ = ["BUILTIN_ARMS", "CompareConfig", "run_compare"]
+
+# arm -> registered pretext model; scratch is the mae architecture at random init, raw_pixels the input itself
+BUILTIN_ARMS = {"mae": "mae_vit_tiny_patch8_64", "early_mask": "mae_vit_tiny_early_mask", "apl": "apl_vit_tiny_64",
+                "scratch": "mae_vit_tiny_patch8_64", "raw_pixels": None}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+@dataclass
+class CompareConfig:
+    """Arms x seeds x protocols (kNN, linear probe, fine-tune, partial fine-tune) with hold-out choices."""
+
+    data: str | None = None  # shard directory from `mae-timm shards` (labelled train and test splits, _info.json)
+    # comma-separated arms: raw_pixels, scratch, mae, early_mask, apl, or pretext:timm_vit (mae:vit_small_patch16_224);
+    # a suffix @compute gives that arm the FLOPs of --updates mae updates instead of --updates updates
+    arms: str = "raw_pixels,scratch,mae"
+    updates: int = 2000  # pretraining updates of every pretrained arm (the equal-updates budget)
+    seeds: int = 3  # seeds 0..S-1 of every arm (pretraining, probe, fine-tune draws)
+    out: str = "runs/compare"  # run folder: runs/<arm>/seed<s>/, compare.json, compare.md, the figure
+    train_split: str = "train"  # pretraining, hold-out and protocol training images
+    test_split: str = "validation"  # read once, after every choice is fixed
+    holdout: int = 5000  # training images carved off (one fixed draw) on which every choice is made
+    # the encoder of every arm (timm ViT kwargs; in_chans comes from the shards): default Fashion-MNIST's 28 px in
+    # 7-px patches, 192 d x 4 blocks
+    encoder: dict | None = None
+    decoder: dict | None = None  # MAE decoder kwargs; default one block of 96 d, 4 heads
+    batch_size: int = 256  # pretraining images per update
+    blr: float = 1.5e-3  # pretraining lr = blr * batch / 256
+    mask_ratio: float = 0.75  # share of patches removed in pretraining
+    norm_pix_loss: bool = True  # MAE: per-patch normalised pixel targets
+    crop_scale_min: float = 0.5  # pretraining RandomResizedCrop scale (crop_scale_min, 1)
+    warmup_fraction: float = 0.05  # share of the pretraining epochs spent in linear warmup
+    curve_points: int = 2  # checkpoints per pretraining run measured by kNN on the hold-out (accuracy vs updates)
+    curve_bank: int = 10000  # bank images for those curve points (a subset: the curve is a trend, not a result)
+    knn_k: str = "10,20,50,100"  # kNN k candidates (chosen on the hold-out)
+    feature_blocks: str = "1,2,4"  # last-N-blocks candidates for the frozen features (capped at the depth)
+    pools: str = "avg,token"  # pooling candidates: avg (patch tokens), token (class token, where there is one)
+    probe_blr: str = "1.0,0.1,3.0"  # linear-probe base lr candidates (lr = blr * 1024 / 256)
+    probe_epochs: str = "30,10"  # linear-probe epoch candidates
+    finetune_epochs: int = 2  # fine-tune epochs; the best epoch on the hold-out is kept
+    finetune_images: int | None = None  # train the fine-tunes on the first N bank images (None: all of them)
+    finetune_batch_size: int = 128  # fine-tune images per update
+    partial_blocks: int = 1  # partial fine-tune: train the last k blocks + head (MAE fig. 9); 0 skips it
+    # keep each arm-seed's cached bank features (runs/<arm>/seed<s>/bank_features.pt) after the report, so a lost
+    # test.json can be measured again; False deletes them (they are large)
+    keep_features: bool = True
+    num_workers: int = 2  # decoding / loader processes
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+    def __post_init__(self):
+        if not self.data:
+            raise UserError("compare needs --data, a shard directory written by `mae-timm shards`")
+        if self.updates < 1 or self.seeds < 1 or self.holdout < 1 or self.finetune_epochs < 0:
+            raise UserError(f"updates, seeds and holdout must be >= 1 and finetune_epochs >= 0, got {self.updates}, "
+                            f"{self.seeds}, {self.holdout}, {self.finetune_epochs}")
+        for name in ("knn_k", "feature_blocks", "probe_epochs"):
+            values = _ints(getattr(self, name))
+            if not values or min(values) < 1:
+                raise UserError(f"{name} must be comma-separated integers >= 1, got {getattr(self, name)!r}")
+        if not set(self.pools.split(",")) <= {"avg", "token"}:
+            raise UserError(f"pools must be avg and / or token, got {self.pools!r}")
+        for arm in self.arm_names():
+            base = arm.split("@")[0]
+            if base not in BUILTIN_ARMS and ":" not in base or arm.endswith("@") or "@" in arm and not arm.endswith(
+                    "@compute"):
+                raise UserError(f"unknown arm {arm!r}; choose from {', '.join(BUILTIN_ARMS)} or pretext:encoder, "
+                                "optionally with @compute")
+
+    def arm_names(self) -> list[str]:
+        names = [a.strip() for a in self.arms.split(",") if a.strip()]
+        if not names:
+            raise UserError("--arms names no arm")
+        return names
+
+
+def _encoder(cfg: CompareConfig, in_chans: int) -> dict:
+    base = dict(img_size=28, patch_size=7, embed_dim=192, depth=4, num_heads=6)
+    return dict(base if cfg.encoder is None else cfg.encoder, in_chans=in_chans)
+
+
+def pretrain_config(cfg: CompareConfig, arm: str, seed: int, info: dict, updates: int, out: Path) -> PretrainConfig:
+    """The pretraining run of an arm-seed (scratch / raw_pixels: the mae arm's, never run, for the architecture)."""
+    chans = info.get("channels") or 3
+    encoder = _encoder(cfg, chans)
+    stats = dict(pretrained_cfg_overlay=dict(mean=list(info["mean"]), std=list(info["std"])))
+    decoder = cfg.decoder or dict(decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=4)
+    base = arm.split("@")[0]
+    pair = dict()
+    if ":" in base:
+        pretext, vit = base.split(":", 1)
+        model, kwargs = "mae_vit_tiny_patch8_64", dict(decoder)
+        pair = dict(pretext=pretext, encoder=vit, encoder_kwargs=dict(encoder, **stats))
+    elif base == "apl":
+        model = BUILTIN_ARMS["apl"]
+        kwargs = dict({k: v for k, v in encoder.items() if k != "patch_size"}, crop=1, **stats,
+                      grid_size=encoder["img_size"] // encoder["patch_size"])  # fmt: skip
+    else:
+        model = BUILTIN_ARMS[base] or BUILTIN_ARMS["mae"]
+        kwargs = dict(encoder, **decoder, mae_init=False, **stats)
+    epochs = -(-updates // max(info["splits"][cfg.train_split]["num_samples"] // cfg.batch_size, 1))
+    return PretrainConfig(
+        model=model, model_kwargs=kwargs, **pair, img_size=encoder["img_size"], data=cfg.data,
+        split=cfg.train_split, batch_size=cfg.batch_size, blr=cfg.blr, mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss, crop_scale_min=cfg.crop_scale_min, epochs=epochs,
+        warmup_epochs=min(round(cfg.warmup_fraction * epochs), epochs - 1), max_steps=updates, device=cfg.device,
+        num_workers=cfg.num_workers, seed=seed, out=str(out), resume="auto",
+        save_every_steps=max(updates // max(cfg.curve_points, 1), 1), save_every_epochs=10**6,
+        keep_last=max(cfg.curve_points, 1), viz_every_epochs=0, tensorboard=False, progress=False,
+    )  # fmt: skip
+
+
+def update_flops(pcfg: PretrainConfig) -> int:
+    """FLOPs of one pretraining update (forward + backward of a full batch), from ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _ = build_model(pcfg)
+    size, chans = model.input_size(), model.input_channels()
+    imgs = torch.randn(2, chans, size, size)
+    with FlopCounterMode(display=False) as counter:
+        out = model(imgs, mask_ratio=pcfg.mask_ratio) if "mask_ratio" in _forward_args(model) else model(imgs)
+        (out[0] if isinstance(out, tuple) else out.loss).backward()
+    return counter.get_total_flops() * pcfg.batch_size // 2
+
+
+def _forward_args(model) -> tuple:
+    import inspect
+
+    return tuple(inspect.signature(model.forward).parameters)
+
+
+def _cpu_seconds() -> float:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def _write(path: Path, payload: dict) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+class _Context:
+    """What every arm-seed shares: the config, the shards' info, the decoded train split, hold-out, device."""
+
+    def __init__(self, cfg: CompareConfig):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.info = read_info(cfg.data)
+        if cfg.train_split not in self.info["splits"] or cfg.test_split not in self.info["splits"]:
+            raise UserError(f"{cfg.data} needs splits {cfg.train_split!r} and {cfg.test_split!r}; it has "
+                            f"{', '.join(self.info['splits'])}")
+        self.device = resolve_device(None if cfg.device == "auto" else cfg.device)
+        self.encoder = _encoder(cfg, self.info.get("channels") or 3)
+        self._train = None
+
+    def train(self) -> ho.Images:
+        if self._train is None:
+            e = self.encoder
+            self._train = ho.load_split(self.cfg.data, self.cfg.train_split, e["img_size"], e["in_chans"],
+                                        self.cfg.num_workers)  # fmt: skip
+            n = len(self._train)
+            if self.cfg.holdout >= n:
+                raise UserError(f"holdout {self.cfg.holdout} must be below the {n} training images")
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # one draw for every arm and seed
+            self.holdout, self.bank = order[: self.cfg.holdout], order[self.cfg.holdout:]
+            if not self.info.get("mean") or not self.info.get("std"):  # statistics of the training images
+                pixels = self._train.images[self.bank].float().div(255).transpose(0, 1).flatten(1)
+                self.info["mean"] = pixels.mean(1).tolist()
+                self.info["std"] = pixels.std(1).tolist()
+        return self._train
+
+
+def _mean_std(ctx: _Context) -> None:
+    """The shards' recorded mean / std, else those of the bank's images (measured once, kept in train_stats.json)."""
+    path = ctx.out / "train_stats.json"
+    if ctx.info.get("mean") and ctx.info.get("std"):
+        return
+    if path.is_file():
+        ctx.info.update(json.loads(path.read_text()))
+        return
+    ctx.train()
+    _write(path, dict(mean=ctx.info["mean"], std=ctx.info["std"]))
+
+
+def arm_updates(ctx: _Context, arm: str, flops: dict) -> int:
+    """--updates, or for ``@compute`` arms the updates whose FLOPs match --updates of the mae arm."""
+    if not arm.endswith("@compute"):
+        return ctx.cfg.updates
+    return max(round(ctx.cfg.updates * flops["mae"] / flops[arm]), 1)
+
+
+def _flops(ctx: _Context, arms: list[str]) -> dict:
+    path = ctx.out / "flops.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for arm in [*arms, "mae"]:
+        if arm not in known and arm.split("@")[0] not in ("raw_pixels", "scratch"):
+            known[arm] = update_flops(pretrain_config(ctx.cfg, arm, 0, ctx.info, 1, ctx.out / "unused"))
+    _write(path, known)
+    return known
+
+
+def run_arm_seed(ctx: _Context, arm: str, seed: int, flops: dict) -> dict:
+    """Pretrain (if the arm does) and make every choice on the hold-out; ``choices.json`` of the arm-seed."""
+    cfg, folder = ctx.cfg, ctx.out / "runs" / arm / f"seed{seed}"
+    path = folder / "choices.json"
+    if path.is_file():
+        print(f"compare: {arm} seed {seed}: choices done before ({path})")
+        return json.loads(path.read_text())
+    base = arm.split("@")[0]
+    updates = arm_updates(ctx, arm, flops) if base not in ("raw_pixels", "scratch") else 0
+    pcfg = pretrain_config(cfg, arm, seed, ctx.info, max(updates, 1), folder)
+    record = dict(arm=arm, seed=seed, updates=updates, flops_per_update=flops.get(arm), curve=[],
+                  load_average_start=os.getloadavg()[0])
+    train = ctx.train()
+    folder.mkdir(parents=True, exist_ok=True)
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    if updates:
+        print(f"compare: {arm} seed {seed}: pretraining {pcfg.model if not pcfg.pretext else arm} for {updates} "
+              f"updates of {cfg.batch_size}")
+        result = pretrain(pcfg)
+        if result.interrupted:
+            raise SystemExit(f"compare: {arm} seed {seed} stopped at update {result.step}; rerun to resume")
+        model, _ = load_model(result.checkpoint)
+        record.update(pretrain_wall_s=time.perf_counter() - wall, pretrain_cpu_s=_cpu_seconds() - cpu)
+    else:
+        seed_everything(seed)
+        model, _ = build_model(pcfg)
+    norm = normalizer(model, ctx.device)
+    if updates:
+        record["curve"] = _curve(ctx, folder, train, norm)
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    depth = 1 if base == "raw_pixels" else len(mae_timm.create_timm_encoder(model).blocks)
+    blocks = sorted({min(b, depth) for b in _ints(cfg.feature_blocks)})
+    variants = [("pixels", False)] if base == "raw_pixels" else _variants(cfg, model)
+    features = ho.block_features(None if base == "raw_pixels" else model, train, variants, max(blocks), norm,
+                                 ctx.device)  # fmt: skip
+    args = (train.labels, ctx.bank, ctx.holdout, train.num_classes, blocks)
+    knn, knn_rows = ho.choose_knn(features, *args, _ints(cfg.knn_k), ctx.device)
+    probe, probe_rows = ho.choose_linprobe(features, *args, [float(v) for v in cfg.probe_blr.split(",")],
+                                           _ints(cfg.probe_epochs), seed, ctx.device)  # fmt: skip
+    record.update(knn=knn, linprobe=probe, knn_holdout=knn_rows, linprobe_holdout=probe_rows)
+    cache = {name: ho.select_features(features, tuple(c["variant"]), c["blocks"])[ctx.bank].clone()
+             for name, c in (("knn", knn), ("linprobe", probe))}  # fmt: skip
+    del features
+    if base != "raw_pixels" and cfg.finetune_epochs > 0:
+        bank = train.subset(ctx.bank[: cfg.finetune_images] if cfg.finetune_images else ctx.bank)
+        for protocol, tune in (("finetune", None), ("partial_finetune", cfg.partial_blocks or None)):
+            if protocol == "partial_finetune" and tune is None:
+                continue
+            ft = _finetune_config(cfg, seed, tune)
+            chosen, state = ho.finetune_on_holdout(model, bank, train.subset(ctx.holdout), ft, ctx.device)
+            torch.save(state, folder / f"{protocol}.pt")
+            record[protocol] = dict(chosen, tune_last_blocks=tune, train_images=len(bank))
+            print(f"compare: {arm} seed {seed}: {protocol} hold-out top-1 {chosen['top1']:.2f} at epoch "
+                  f"{chosen['epoch']}")
+    record.update(choose_wall_s=time.perf_counter() - wall, choose_cpu_s=_cpu_seconds() - cpu,
+                  load_average_end=os.getloadavg()[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(cache, labels=train.labels[ctx.bank].clone()), folder / "bank_features.pt")
+    _write(path, record)
+    print(f"compare: {arm} seed {seed}: hold-out kNN {knn['top1']:.2f} ({knn['variant']}, {knn['blocks']} blocks, "
+          f"standardise {knn['standardize']}, k {knn['k']}), probe {probe['top1']:.2f}")
+    return record
+
+
+def _variants(cfg: CompareConfig, model) -> list:
+    has_token = bool(getattr(model, "cls_token", None) is not None)
+    pools = [p for p in cfg.pools.split(",") if p == "avg" or has_token]
+    return [(pool, True) for pool in pools] + [("avg", False)]
+
+
+def _finetune_config(cfg: CompareConfig, seed: int, tune: int | None) -> FinetuneConfig:
+    return FinetuneConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size,
+                          warmup_epochs=min(5, cfg.finetune_epochs - 1), seed=seed, tune_last_blocks=tune)
+
+
+def _curve(ctx: _Context, folder: Path, train: ho.Images, norm) -> list[dict]:
+    """kNN (avg pool, last block, k=20) on the hold-out at each kept checkpoint, bank: ``curve_bank`` images."""
+    points = []
+    bank = ctx.bank[: ctx.cfg.curve_bank]
+    for path in list_checkpoints(folder):
+        model, ckpt = load_model(path)
+        x = ho.block_features(model, train, [("avg", True)], 1, norm, ctx.device)[("avg", True)][:, -1]
+        result = knn_on_features(x[bank], train.labels[bank], x[ctx.holdout], train.labels[ctx.holdout],
+                                 train.num_classes, KnnConfig(), ctx.device)  # fmt: skip
+        points.append(dict(updates=ckpt["step"], knn_top1=result["top1"]))
+    return points
+
+
+def test_arm_seed(ctx: _Context, test: ho.SealedSplit, arm: str, seed: int) -> dict:
+    """The test top-1 of each protocol of an arm-seed, with the choices made on the hold-out."""
+    folder = ctx.out / "runs" / arm / f"seed{seed}"
+    path = folder / "test.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    choices = json.loads((folder / "choices.json").read_text())
+    base = arm.split("@")[0]
+    pcfg = pretrain_config(ctx.cfg, arm, seed, ctx.info, max(choices["updates"], 1), folder)
+    if choices["updates"]:
+        model, _ = load_model(folder / "last.pt")
+    else:
+        seed_everything(seed)
+        model, _ = build_model(pcfg)
+    images = test.read()
+    norm = normalizer(model, ctx.device)
+    cached = torch.load(folder / "bank_features.pt", weights_only=True)
+    result = dict(arm=arm, seed=seed)
+    for protocol in ("knn", "linprobe"):
+        c = choices[protocol]
+        variants = [tuple(c["variant"])]
+        x = ho.block_features(None if base == "raw_pixels" else model, images, variants, c["blocks"], norm,
+                              ctx.device)[variants[0]].flatten(1)  # fmt: skip
+        if protocol == "knn":
+            result["knn"] = ho.knn_test(cached["knn"], cached["labels"], x, images.labels, images.num_classes, c,
+                                        ctx.device)  # fmt: skip
+        else:
+            result["linprobe"] = ho.linprobe_test(cached["linprobe"], cached["labels"], x, images.labels,
+                                                  images.num_classes, c, seed, ctx.device)  # fmt: skip
+    for protocol in ("finetune", "partial_finetune"):
+        if protocol in choices:
+            state = torch.load(folder / f"{protocol}.pt", weights_only=True)
+            ft = _finetune_config(ctx.cfg, seed, choices[protocol]["tune_last_blocks"])
+            result[protocol] = ho.finetuned_top1(model, state, ft, images, ctx.device)
+    _write(path, result)
+    print(f"compare: {arm} seed {seed}: test " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
+                                                            if isinstance(v, float)))
+    return result
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Run (or resume) a compare; returns the payload of ``compare.json``."""
+    from mae_timm.engine.eval.compare_report import write_report
+
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    ctx = _Context(cfg)
+    arms = cfg.arm_names()
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    _write(ctx.out / "config.json", asdict(cfg))
+    _mean_std(ctx)
+    flops = _flops(ctx, arms)
+    print(f"compare: {len(arms)} arms x {cfg.seeds} seeds on {cfg.data}; mean {ctx.info['mean']} std "
+          f"{ctx.info['std']} (from the training split); choices on {cfg.holdout} held-out training images")
+    choices = {(arm, seed): run_arm_seed(ctx, arm, seed, flops) for arm in arms for seed in range(cfg.seeds)}
+    e = ctx.encoder
+    test = ho.SealedSplit(lambda: ho.load_split(cfg.data, cfg.test_split, e["img_size"], e["in_chans"],
+                                                cfg.num_workers))  # fmt: skip
+    test.unseal()  # every arm-seed's choices.json exists: nothing below is chosen
+    results = {key: test_arm_seed(ctx, test, *key) for key in choices}
+    payload = write_report(cfg, ctx.info, flops, choices, results, wall_s=time.perf_counter() - start,
+                           cpu_s=_cpu_seconds() - cpu, device=str(ctx.device))
+    if not cfg.keep_features:
+        for path in (ctx.out / "runs").glob("*/seed*/bank_features.pt"):
+            path.unlink()
+    return payload
