@@ -42,6 +42,7 @@ import torch
 from benchmarks import end_to_end, loader, throughput
 from benchmarks.common import datasheet_peak_tflops, environment, markdown_table, write_results
 from benchmarks.official_mae import load_official_mae
+from benchmarks.throughput_report import render
 
 SECTIONS = ("peaks", "headline", "early mask", "end to end", "loader")
 PEERS = ("mae_timm", "official", "hf")
@@ -146,7 +147,7 @@ class Report:
         for section in ("headline", "early mask"):
             rows = self.throughput_rows(section)
             if rows:
-                parts.append(f"## {section.capitalize()}\n\n" + throughput.render(
+                parts.append(f"## {section.capitalize()}\n\n" + render(
                     rows, peak, self.settings.throughput, self.peaks.get("datasheet_tflops")))
         for e in self.rows:
             if e["status"] == "ok" and isinstance(e["result"], dict) and "markdown" in e["result"]:

@@ -19,7 +19,7 @@ import copy
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,7 +66,7 @@ def make_arms(name: str, batch_size: int, modes: list[str], info: DistInfo) -> l
     model.to(info.device).train()
 
     def trainer(mode: str) -> Trainer:
-        return build_trainer(cfg, copy.deepcopy(model), info, lr=1e-4, updates_per_epoch=10**6, compile_mode=mode)
+        return build_trainer(replace(cfg, compile=mode), copy.deepcopy(model), info, lr=1e-4, updates_per_epoch=10**6)
 
     arms = [Arm(f"compile {mode}", trainer(mode)) for mode in modes]
     if info.device.type == "cuda":

@@ -11,6 +11,7 @@ import torch
 
 import mae_timm  # noqa: F401  (registers the models)
 from benchmarks import end_to_end, gpu_suite, throughput
+from benchmarks.throughput_report import peer_ratio
 
 OFFICIAL_STAND_IN = Path(__file__).resolve().parent / "official_mae"  # models_mae.py with the official API
 CPU = torch.device("cpu")
@@ -120,10 +121,10 @@ def test_ratios_only_between_rows_of_the_same_mode():
     rows = [row("mae_timm", "eager", 100.0), row("official", "eager", 50.0), row("hf", "compile", 10.0),
             row("mae_timm", "compile", 300.0), {"config": "c", "implementation": "official", "mode": "compile",
                                                 "error": "boom"}]
-    assert throughput.peer_ratio(rows[0], rows, "official", "train") == 2.0
-    assert throughput.peer_ratio(rows[0], rows, "hf", "train") is None  # HF ran compiled only: no eager peer
-    assert throughput.peer_ratio(rows[3], rows, "hf", "train") == 30.0
-    assert throughput.peer_ratio(rows[3], rows, "official", "train") is None  # the compiled official row failed
+    assert peer_ratio(rows[0], rows, "official", "train") == 2.0
+    assert peer_ratio(rows[0], rows, "hf", "train") is None  # HF ran compiled only: no eager peer
+    assert peer_ratio(rows[3], rows, "hf", "train") == 30.0
+    assert peer_ratio(rows[3], rows, "official", "train") is None  # the compiled official row failed
 
 
 def test_smoke_eager_sections_with_a_skipped_compile_and_injected_failures(tmp_path, monkeypatch):
