@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 
-from mae_timm.models.factory import create_model_from_record
+from mae_timm.models.factory import check_record_is_data, create_model_from_record
 from mae_timm.utils import NonFiniteLossError, UserError, atomic_write, fsync_dir
 
 __all__ = [
@@ -170,8 +169,7 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
     """
     ckpt = load_checkpoint(path, map_location)
     name = ckpt["model_name"]
-    if ckpt.get("pretext") is None and (not isinstance(name, str) or name not in timm.list_models()):
-        raise UserError(f"checkpoint {path} is of model {name!r}, which is not registered (import its package first)")
+    check_record_is_data(ckpt, f"checkpoint {path}")  # building the model reads nothing but this file
     try:
         model = create_model_from_record(ckpt)
     except TypeError as e:  # an unexpected keyword argument

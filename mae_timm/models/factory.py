@@ -11,15 +11,19 @@ function (see docs/models.md, "Any timm ViT").
 
 from __future__ import annotations
 
+import inspect
+
 import timm
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from mae_timm.models.apl import APLViT
 from mae_timm.models.mae import MaskedAutoencoderViT
 from mae_timm.models.mae_early import EarlyMaskViT
 from mae_timm.models.pretext_vit import PretextViT
+from mae_timm.utils import UserError
 
-__all__ = ["PRETEXTS", "create_model_from_record", "create_pretext_model", "model_record"]
+__all__ = ["PRETEXTS", "check_record_is_data", "create_model_from_record", "create_pretext_model", "model_record"]
 
 PRETEXTS: dict[str, type[PretextViT]] = {"mae": MaskedAutoencoderViT, "early_mask": EarlyMaskViT}
 
@@ -80,3 +84,34 @@ def create_model_from_record(record: dict) -> nn.Module:
             record["pretext"], record["encoder"], record["encoder_kwargs"], **record["model_kwargs"]
         )
     return timm.create_model(record["model_name"], **record["model_kwargs"])
+
+
+def _constructor_arguments(*classes: type) -> frozenset[str]:
+    return frozenset(name for cls in classes for name in inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+# What a recorded model may be built with: the arguments of our models' and timm's ViT constructors. Never timm's
+# loading options (pretrained, pretrained_cfg(_overlay), checkpoint_path, cache_dir, ...): a checkpoint is data.
+RECORD_KWARGS = _constructor_arguments(MaskedAutoencoderViT, EarlyMaskViT, APLViT, VisionTransformer) - {
+    "encoder_kwargs", "device", "dtype", "embed_layer", "embed_norm_layer", "block_fn", "mlp_layer", "attn_layer"}
+
+
+def check_record_is_data(record: dict, source: str) -> None:
+    """Refuse (UserError, one line) a model record that would make building it read a file or the network: names
+    with a scheme (``hf-hub:``, ``local-dir:``) or not registered in timm, and kwargs outside :data:`RECORD_KWARGS`."""
+    for field in ("model_kwargs", "encoder_kwargs"):
+        if not isinstance(record.get(field) or {}, dict):
+            raise UserError(f"{source}: {field} is a {type(record[field]).__name__}, not a mapping")
+    names = [record.get("encoder") if record.get("pretext") is not None else record.get("model_name")]
+    if isinstance((record.get("model_kwargs") or {}).get("encoder"), str):
+        names.append(record["model_kwargs"]["encoder"])
+    for name in names:
+        if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+            raise UserError(f"{source} names the model {str(name)[:80]!r}, which is not registered in timm "
+                            "(import its package first); names with a scheme (hf-hub:, local-dir:) are refused")
+    for field in ("model_kwargs", "encoder_kwargs"):
+        kwargs = record.get(field) or {}
+        refused = sorted(str(k)[:40] for k in kwargs if k not in RECORD_KWARGS)
+        if refused:
+            raise UserError(f"{source}: {field} {refused[:5]} are not model constructor arguments; a checkpoint may "
+                            "not ask for weights, files or URLs (pretrained, checkpoint_path, pretrained_cfg...)")

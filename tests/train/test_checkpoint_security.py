@@ -1,0 +1,85 @@
+"""A checkpoint is data: loading one reads that file and nothing else (no URL, no other path), whatever its
+model record asks for."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+from fakes import make_shards
+from servers import FileServer
+
+from mae_timm import cli
+from mae_timm.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.engine.train.pretrain import pretrain
+from mae_timm.models.factory import RECORD_KWARGS
+from mae_timm.utils import UserError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = PretrainConfig(model="mae_vit_test", data=str(make_shards(root)), batch_size=4, epochs=1, warmup_epochs=0,
+                         max_steps=1, num_workers=0, progress=False, tensorboard=False, viz_every_epochs=0,
+                         out=str(root / "run"))
+    ckpt = load_checkpoint(pretrain(cfg).checkpoint)
+    ckpt["test_data"] = cfg.data  # for the CLI call below; a checkpoint may hold keys it does not use
+    return ckpt
+
+
+def hostile(checkpoint, tmp_path, **record):
+    path = tmp_path / "hostile.pt"
+    save_checkpoint(dict(checkpoint, **record), path, link_last=False)
+    return path
+
+
+def test_a_checkpoint_cannot_make_the_tool_fetch_a_url(checkpoint, tmp_path, capsys):
+    with FileServer(tmp_path) as server:
+        torch.save({"x": torch.zeros(1)}, tmp_path / "w.pth")
+        overlay = dict(url=server.url("w.pth"), file=None)
+        path = hostile(checkpoint, tmp_path, model_kwargs=dict(pretrained=True, pretrained_cfg_overlay=overlay))
+        assert cli.main(["knn", "--checkpoint", str(path), "--data", checkpoint["test_data"], "--device", "cpu"]) == 2
+        assert server.requests == []  # nothing was asked of the server
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pretrained" in err and "not model constructor arguments" in err, err
+
+
+@pytest.mark.parametrize("record", [
+    dict(model_kwargs=dict(checkpoint_path="/etc/hostname")),
+    dict(model_kwargs=dict(pretrained_cfg=dict(file="/etc/hostname"))),
+    dict(model_kwargs=dict(cache_dir="/tmp")),
+    dict(model_name="local-dir:/etc"),
+    dict(model_name="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"),
+    dict(pretext="mae", encoder="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", encoder_kwargs={}),
+    dict(pretext="mae", encoder="vit_tiny_patch16_224", encoder_kwargs=dict(pretrained_cfg_overlay={})),
+    dict(model_kwargs=dict(encoder="local-dir:/etc")),
+    dict(model_kwargs=["depth", 2]),
+])
+def test_a_checkpoint_cannot_make_the_tool_open_other_files(record, checkpoint, tmp_path, monkeypatch):
+    path = hostile(checkpoint, tmp_path, **record)
+    opened = []
+    real_open = builtins.open
+
+    def watching_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watching_open)
+    with pytest.raises(UserError) as e:
+        load_model(path)
+    assert "\n" not in str(e.value)
+    assert not [f for f in opened if f.startswith("/etc")], opened
+
+
+def test_the_allowlist_is_constructor_arguments_only():
+    needed = {"depth", "embed_dim", "img_size", "patch_size", "decoder_depth", "norm_pix_loss", "mask_type"}
+    assert needed <= RECORD_KWARGS
+    assert not {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                "features_only", "pretrained_strict"} & RECORD_KWARGS
+
+
+def test_an_honest_checkpoint_still_loads(checkpoint, tmp_path):
+    model, ckpt = load_model(hostile(checkpoint, tmp_path))
+    assert ckpt["model_name"] == "mae_vit_test" and not model.training
