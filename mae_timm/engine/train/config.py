@@ -66,6 +66,7 @@ class PretrainConfig:
     # None: a fresh run (stops if `out` holds checkpoints); "auto": the newest valid checkpoint in `out`, fresh if
     # none; or a checkpoint path
     resume: str | None = None
+    force_resume: bool = False  # resume although the checkpoint was made with another seed or other data
     save_every_steps: int = 1000  # checkpoint every N updates (0: only at epoch ends)
     save_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (the last epoch always)
     keep_last: int = 3  # numbered checkpoints kept on disk (last.pt links the newest)

@@ -27,7 +27,7 @@ from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.distributed import cleanup_distributed, init_distributed
 from mae_timm.engine.train.loop import StopRequest, run, update_batches
 from mae_timm.engine.train.model_setup import build_model
-from mae_timm.engine.train.resume import RunLock, agree_on_resume, check_resumable, lock_on_main
+from mae_timm.engine.train.resume import RunLock, agree_on_resume, check_resumable, data_identity, lock_on_main
 from mae_timm.engine.train.run_output import RunOutput
 from mae_timm.engine.train.trainer import build_trainer
 from mae_timm.utils import NonFiniteLossError, UserError, seed_everything
@@ -58,7 +58,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         seed_everything(cfg.seed)
         model, record = build_model(cfg)
         model.to(info.device).train()
-        record = dict(record, world_size=info.world_size, config=dataclasses.asdict(cfg), version=__version__)
+        record = dict(record, world_size=info.world_size, config=dataclasses.asdict(cfg), version=__version__,
+                      data_identity=data_identity(cfg.data, cfg.split, cfg.synthetic, cfg.synthetic_samples))
 
         # data: uint8 batches with the model's size and channels, cropped and flipped on the device
         loader = _create_loader(cfg, model, split=cfg.split, train=True, rank=info.rank, batch_size=cfg.batch_size)
@@ -78,7 +79,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         if resumed is not None:
             last_checkpoint, ckpt = resumed
             check_resumable(ckpt, last_checkpoint, record["model_name"], updates_per_epoch,
-                            world_size=info.world_size, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps)
+                            world_size=info.world_size, batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                            seed=cfg.seed, data=record["data_identity"], force=cfg.force_resume)
             trainer.load_state_dict(ckpt)
             step = ckpt["step"]
 

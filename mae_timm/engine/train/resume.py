@@ -18,15 +18,20 @@ inherit it. The file stays in the folder (removing it would let two runs lock tw
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import socket
 from pathlib import Path
 
+from mae_timm.data.shards import read_info
 from mae_timm.engine.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint
 from mae_timm.engine.train.distributed import broadcast_object
 from mae_timm.utils import UserError
 
-__all__ = ["LOCK_NAME", "RunLock", "agree_on_resume", "check_resumable", "choose_resume", "lock_on_main"]
+__all__ = [
+    "LOCK_NAME", "RunLock", "agree_on_resume", "check_resumable", "choose_resume", "data_identity", "lock_on_main",
+]
 
 
 def choose_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict] | None:
@@ -75,13 +80,33 @@ def agree_on_resume(resume: str | None, run_dir: Path, is_main: bool) -> tuple[P
     return path, load_checkpoint(path)
 
 
+def data_identity(data: str | None, split: str, synthetic: bool, synthetic_samples: int) -> str:
+    """What names the images of a run: the sha256 of the split's shards as ``_info.json`` records them (a local
+    shard directory), the shard list itself (urls), or the synthetic settings."""
+    if synthetic:
+        return f"synthetic:{synthetic_samples}"
+    if data is not None and (Path(data) / "_info.json").is_file():
+        shards = read_info(data)["splits"][split]
+        digests = json.dumps(shards.get("sha256") or shards, sort_keys=True).encode()
+        return "sha256:" + hashlib.sha256(digests).hexdigest()
+    return f"shards:{data}:{split}"
+
+
 def check_resumable(ckpt: dict, path: Path, model_name: str, updates_per_epoch: int, *, world_size: int = 1,
-                    batch_size: int | None = None, accum_steps: int | None = None) -> None:
+                    batch_size: int | None = None, accum_steps: int | None = None, seed: int | None = None,
+                    data: str | None = None, force: bool = False) -> None:
     """A checkpoint continues this run only with the same model and the same data layout: its step counts updates
     of ``updates_per_epoch`` per epoch, made by ``world_size`` processes of ``batch_size`` x ``accum_steps``
-    images (checked where the checkpoint records them)."""
+    images (checked where the checkpoint records them). The same seed and data (:func:`data_identity`) too, unless
+    ``force`` (``--force-resume``): another seed or other images would silently give another run."""
     if ckpt["model_name"] != model_name:
         raise UserError(f"checkpoint {path} is of {ckpt['model_name']}, not --model {model_name}")
+    recorded = dict(seed=(ckpt.get("config") or {}).get("seed"), data=ckpt.get("data_identity"))
+    other = [f"{k} {recorded[k]} (now {v})" for k, v in dict(seed=seed, data=data).items()
+             if v is not None and recorded[k] is not None and recorded[k] != v]
+    if other and not force:
+        raise UserError(f"checkpoint {path} was made with {', '.join(other)}: resume with the same seed and data, "
+                        "pass --force-resume to continue anyway, or start a new --out")
     saved = dict(ckpt.get("config") or {}, world_size=ckpt.get("world_size"))
     ours = dict(world_size=world_size, batch_size=batch_size, accum_steps=accum_steps)
     differ = [f"{k} {saved[k]} (now {v})" for k, v in ours.items() if v is not None and saved.get(k) not in (None, v)]
