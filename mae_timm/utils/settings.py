@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -107,7 +108,11 @@ def _coerce(name: str, tp, value):
                 return value.lower() in ("true", "1", "yes")
             return bool(value)
         if tp in (int, float, str):
+            if tp is not str and isinstance(value, bool):  # YAML `true` is not the number 1
+                raise ValueError(value)
             if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if tp is float and not math.isfinite(float(value)):  # nan / inf: no setting means that
                 raise ValueError(value)
             return tp(value)
         if tp is dict or typing.get_origin(tp) is dict:
@@ -126,6 +131,26 @@ def _coerce(name: str, tp, value):
     raise TypeError(f"setting '{name}': unsupported type {tp}")
 
 
+class _PlainLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases (``&a`` / ``*a``: a 600-byte file can expand to gigabytes) and without
+    duplicate keys (the last one would win in silence)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not read, at line {event.start_mark.line + 1}")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"the key {key!r} is given twice, at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
     """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides`` (field name -> value)."""
     types_ = _field_types(cls)
@@ -135,9 +160,9 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_PlainLoader) or {}
         except yaml.YAMLError as e:  # a syntax error, or a tag (!!python/...) that safe_load refuses
-            problem = getattr(e, "problem", None) or type(e).__name__
+            problem = getattr(e, "problem", None) or (str(e) if type(e) is yaml.YAMLError else type(e).__name__)
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise UserError(f"config file {path} is not plain YAML: {problem}{where}") from None

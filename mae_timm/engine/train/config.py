@@ -83,7 +83,8 @@ class PretrainConfig:
 
 
 _PRETRAIN_RULES = dict(
-    mask_ratio=fraction(zero=True), synthetic_samples=at_least(1), img_size=at_least(1),
+    mask_ratio=fraction(),  # 0 would train to a loss of exactly 0 on nothing
+    synthetic_samples=at_least(1), img_size=at_least(1),
     crop_scale_min=fraction(one=True), num_workers=at_least(0), batch_size=at_least(1), accum_steps=at_least(1),
     epochs=at_least(1), warmup_epochs=at_least(0), max_steps=at_least(0), blr=above(0), lr=above(0),
     min_lr=at_least(0), weight_decay=at_least(0), betas=fraction(zero=True), clip_grad=above(0),

@@ -1,0 +1,35 @@
+"""Settings files and values that used to be read silently (or exhaust memory) are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.utils import UserError
+from mae_timm.utils.settings import load_config
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size: 4\nbatch_size: 8\n", r"the key 'batch_size' is given twice, at line 2"),
+    ("a: &a [1, 1, 1, 1]\nb: &b [*a, *a, *a, *a]\nc: [*b, *b, *b, *b]\n", r"aliases \(\*a\) are not read"),
+    ("batch_size: true\n", r"setting 'batch_size': cannot read True as int"),
+    ("mask_ratio: .nan\n", r"setting 'mask_ratio': cannot read nan as float"),
+    ("blr: .inf\n", r"setting 'blr': cannot read inf as float"),
+])
+def test_hostile_yaml_is_refused_in_one_line(text, message, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as e:
+        load_config(PretrainConfig, path)
+    assert "\n" not in str(e.value)
+
+
+def test_mask_ratio_zero_is_refused():  # it trained to a loss of exactly 0
+    with pytest.raises(UserError, match="mask_ratio"):
+        PretrainConfig(mask_ratio=0.0)
+    assert PretrainConfig(mask_ratio=0.5).mask_ratio == 0.5
+
+
+def test_command_line_nan_is_refused():
+    with pytest.raises(UserError, match="cannot read 'nan' as float"):
+        load_config(PretrainConfig, None, {"mask_ratio": "nan"})
