@@ -96,6 +96,12 @@ RECORD_KWARGS = _constructor_arguments(MaskedAutoencoderViT, EarlyMaskViT, APLVi
     "encoder_kwargs", "device", "dtype", "embed_layer", "embed_norm_layer", "block_fn", "mlp_layer", "attn_layer"}
 
 
+# pretrained_cfg keys that describe the input only (the grayscale configs set mean/std); never url/file/hf_hub_id
+PREPROCESSING_CFG = frozenset({"mean", "std", "input_size", "min_input_size", "fixed_input_size", "crop_pct",
+                               "crop_mode", "interpolation", "test_input_size", "test_crop_pct", "num_classes",
+                               "label_names", "label_descriptions", "first_conv", "classifier", "license"})
+
+
 def check_record_is_data(record: dict, source: str) -> None:
     """Refuse (UserError, one line) a model record that would make building it read a file or the network: names
     with a scheme (``hf-hub:``, ``local-dir:``) or not registered in timm, and kwargs outside :data:`RECORD_KWARGS`."""
@@ -111,7 +117,12 @@ def check_record_is_data(record: dict, source: str) -> None:
                             "(import its package first); names with a scheme (hf-hub:, local-dir:) are refused")
     for field in ("model_kwargs", "encoder_kwargs"):
         kwargs = record.get(field) or {}
-        refused = sorted(str(k)[:40] for k in kwargs if k not in RECORD_KWARGS)
+        refused = sorted(str(k)[:40] for k in kwargs if k not in RECORD_KWARGS and k != "pretrained_cfg_overlay")
+        overlay = kwargs.get("pretrained_cfg_overlay", {})
+        if not isinstance(overlay, dict):
+            refused.append("pretrained_cfg_overlay")
+        else:
+            refused += sorted(f"pretrained_cfg_overlay.{str(k)[:40]}" for k in overlay if k not in PREPROCESSING_CFG)
         if refused:
             raise UserError(f"{source}: {field} {refused[:5]} are not model constructor arguments; a checkpoint may "
                             "not ask for weights, files or URLs (pretrained, checkpoint_path, pretrained_cfg...)")

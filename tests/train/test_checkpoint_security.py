@@ -50,6 +50,8 @@ def test_a_checkpoint_cannot_make_the_tool_fetch_a_url(checkpoint, tmp_path, cap
     dict(model_kwargs=dict(checkpoint_path="/etc/hostname")),
     dict(model_kwargs=dict(pretrained_cfg=dict(file="/etc/hostname"))),
     dict(model_kwargs=dict(cache_dir="/tmp")),
+    dict(model_kwargs=dict(pretrained_cfg_overlay=dict(mean=(0.5,), file="/etc/hostname"))),
+    dict(model_kwargs=dict(pretrained_cfg_overlay="/etc/hostname")),
     dict(model_name="local-dir:/etc"),
     dict(model_name="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"),
     dict(pretext="mae", encoder="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", encoder_kwargs={}),
@@ -81,5 +83,8 @@ def test_the_allowlist_is_constructor_arguments_only():
 
 
 def test_an_honest_checkpoint_still_loads(checkpoint, tmp_path):
-    model, ckpt = load_model(hostile(checkpoint, tmp_path))
+    overlay = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # preprocessing, as the grayscale configs set it
+    kwargs = dict(checkpoint["model_kwargs"], pretrained_cfg_overlay=overlay)
+    model, ckpt = load_model(hostile(checkpoint, tmp_path, model_kwargs=kwargs))
+    assert model.pretrained_cfg["mean"] == overlay["mean"]
     assert ckpt["model_name"] == "mae_vit_test" and not model.training
