@@ -5,7 +5,6 @@ themselves are tested in ``test_eval_protocols.py``."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import timm
@@ -175,72 +174,3 @@ def test_bundled_fashion_mnist_sample():
     test_images = read_idx(ASSETS / "t10k-images-idx3-ubyte.gz")
     assert len(train_labels) == 5000 and test_images.shape == (1000, 28, 28)
     assert set(train_labels.tolist()) == set(range(10)) and (ASSETS / "LICENSE-fashion-mnist.txt").is_file()
-
-
-@pytest.mark.slow
-def test_demo_with_reduced_steps(tmp_path, capsys):
-    tiny = dict(img_size=28, patch_size=7, embed_dim=24, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
-                decoder_num_heads=2)
-    out = tmp_path / "demo"
-    args = ["demo", "--steps", "4", "--knn-points", "2", "--finetune-epochs", "1", "--out", str(out),
-            "--num-workers", "1", "--model-kwargs", json.dumps(tiny)]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    for name in ("summary.json", "reconstruction.png", "loss.png", "accuracy.png", "metrics.jsonl"):
-        assert (out / name).is_file(), name
-        assert name in printed or name == "metrics.jsonl"
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"knn_top1", "finetune_top1", "finetune_updates", "pretrain_updates", "minutes"}
-    assert set(summary["knn_top1"]) == {"pretrained", "random_init", "raw_pixels"}
-    assert set(summary["finetune_top1"]) == {"pretrained", "scratch"}
-    assert summary["pretrain_updates"] == 4 and summary["finetune_updates"] == 5000 // 128
-    assert all(0 <= v <= 100 for group in ("knn_top1", "finetune_top1") for v in summary[group].values())
-    assert "wins" in printed and "raw pixels" in printed  # the verdict, in words
-
-
-@pytest.mark.slow
-def test_quality_benchmark_smoke(tmp_path):
-    from benchmarks import quality
-
-    args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--arms", "raw_pixels,scratch,mae_early",
-            "--pretrain-steps", "2", "--eval-points", "2", "--batch-size", "64", "--linprobe-epochs", "2",
-            "--finetune-epochs", "1", "--finetune-batch-size", "64", "--num-workers", "1", "--feature-blocks", "1",
-            "--model-kwargs", json.dumps(dict(embed_dim=16, depth=1, num_heads=2))]  # fmt: skip
-    assert quality.main(args) == 0
-    result = json.loads((tmp_path / "quality_cpu.json").read_text())
-    rows = {row["arm"]: row for row in result["rows"]}
-    assert set(rows) == {"raw_pixels", "scratch", "mae_early"}
-    assert set(rows["mae_early"]) == {"arm", "knn_top1", "linprobe_top1", "finetune_top1", "pretrain_updates",
-                                      "pretrain_minutes", "pretrain_cpu_minutes"}  # fmt: skip
-    assert rows["raw_pixels"]["finetune_top1"] is None and rows["scratch"]["pretrain_updates"] is None
-    assert rows["mae_early"]["pretrain_updates"] == 2 and len(result["curves"]["mae_early"]) == 2
-    assert all(0 <= row[k] <= 100 for row in rows.values() for k in ("knn_top1", "linprobe_top1") if row[k])
-    assert {"split", "protocols", "run", "wall_minutes", "verdict"} <= set(result)
-    assert "wins" in (tmp_path / "quality_cpu.md").read_text()
-    assert (tmp_path / "accuracy_vs_updates.png").is_file()
-
-
-@pytest.mark.slow
-def test_late_vs_early_benchmark_smoke(tmp_path):
-    from benchmarks import late_vs_early
-
-    args = ["--root", str(ASSETS), "--limit", "256", "--out", str(tmp_path), "--seeds", "0", "1",
-            "--pretrain-steps", "2", "--eval-points", "1", "--batch-size", "64", "--linprobe-epochs", "2",
-            "--finetune-epochs", "0", "--feature-blocks", "1", "--num-workers", "0",
-            "--model-kwargs", json.dumps(dict(embed_dim=16, depth=1, num_heads=2))]  # fmt: skip
-    assert late_vs_early.main(args) == 0
-    result = json.loads((tmp_path / "late_vs_early_cpu.json").read_text())
-    late, early = result["arms"]["mae_late"], result["arms"]["mae_early"]
-    assert len(late["knn"]["per_seed"]) == len(early["linprobe"]["per_seed"]) == 2  # one value per seed
-    assert late["finetune"]["mean"] is None  # --finetune-epochs 0: no fine-tune
-    assert result["macs_ratio"] > 1  # the encoder sees every token under early masking
-    assert (tmp_path / "seed1" / "mae_early" / "arm.json").is_file()
-
-
-def test_gpu_quality_config_loads():
-    from benchmarks.quality import ARMS, QualityConfig
-    from mae_timm.utils.settings import load_config
-
-    cfg = load_config(QualityConfig, Path(__file__).resolve().parents[2] / "benchmarks/configs/quality_gpu.yaml", {})
-    assert cfg.device == "cuda" and set(cfg.arms.split(",")) <= set(ARMS)
-    assert cfg.feature_blocks <= cfg.encoder["depth"]  # a valid feature choice for its encoder
