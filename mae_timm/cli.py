@@ -25,7 +25,7 @@ COMMANDS = {
     "visualize": ("visualize", "write an original | masked | reconstruction figure for an image"),
     "export": ("export", "export the encoder as a timm local-dir folder (or a transformers folder, or safetensors)"),
     "compare": ("compare", "does pretraining help on these images? arms x seeds, hold-out choices, test once"),
-    "demo": ("demo", "pretrain a small model on bundled Fashion-MNIST images, then kNN + figures"),
+    "demo": ("demo", "a small compare of raw pixels, scratch and MAE on bundled Fashion-MNIST images, with figures"),
 }
 
 

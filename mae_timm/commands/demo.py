@@ -1,4 +1,4 @@
-"""``mae-timm demo``: pretrain a small MAE on the bundled Fashion-MNIST sample, then kNN and figures."""
+"""``mae-timm demo``: a small compare (raw pixels, scratch, MAE) on the bundled Fashion-MNIST sample, with figures."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from benchmarks.common import counted_flops, datasheet_peak_tflops, fvcore_macs,
 from benchmarks.official_mae import block_without_qk_scale, load_official_mae, official_like
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ("flops", "throughput", "loader", "end_to_end", "quality", "late_vs_early", "feature_choice", "gpu_suite")
+SCRIPTS = ("flops", "throughput", "loader", "end_to_end", "gpu_suite")
 OFFICIAL_STAND_IN = REPO_ROOT / "tests" / "bench" / "official_mae"  # models_mae.py for the tests, the official API
 
 RTOL = 0.02  # the bar for fvcore + attention handle vs FlopCounterMode vs the analytic formula

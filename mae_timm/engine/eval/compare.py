@@ -268,10 +268,14 @@ def run_arm_seed(ctx: _Context, arm: str, seed: int, flops: dict) -> dict:
     variants = [("pixels", False)] if base == "raw_pixels" else _variants(cfg, model)
     features = ho.block_features(None if base == "raw_pixels" else model, train, variants, max(blocks), norm,
                                  ctx.device)  # fmt: skip
+    tick = _Ticker(f"compare: {arm} seed {seed}:")
+    tick("frozen features of the training split")
     args = (train.labels, ctx.bank, ctx.holdout, train.num_classes, blocks)
     knn, knn_rows = ho.choose_knn(features, *args, _ints(cfg.knn_k), ctx.device)
+    tick(f"kNN choices on the hold-out ({len(knn_rows)} settings)")
     probe, probe_rows = ho.choose_linprobe(features, *args, [float(v) for v in cfg.probe_blr.split(",")],
                                            _ints(cfg.probe_epochs), seed, ctx.device)  # fmt: skip
+    tick(f"linear-probe choices on the hold-out ({len(probe_rows)} settings)")
     record.update(knn=knn, linprobe=probe, knn_holdout=knn_rows, linprobe_holdout=probe_rows)
     cache = {name: ho.select_features(features, tuple(c["variant"]), c["blocks"])[ctx.bank].clone()
              for name, c in (("knn", knn), ("linprobe", probe))}  # fmt: skip
@@ -285,6 +289,7 @@ def run_arm_seed(ctx: _Context, arm: str, seed: int, flops: dict) -> dict:
             chosen, state = ho.finetune_on_holdout(model, bank, train.subset(ctx.holdout), ft, ctx.device)
             torch.save(state, folder / f"{protocol}.pt")
             record[protocol] = dict(chosen, tune_last_blocks=tune, train_images=len(bank))
+            tick(protocol)
             print(f"compare: {arm} seed {seed}: {protocol} hold-out top-1 {chosen['top1']:.2f} at epoch "
                   f"{chosen['epoch']}")
     record.update(choose_wall_s=time.perf_counter() - wall, choose_cpu_s=_cpu_seconds() - cpu,
@@ -295,6 +300,18 @@ def run_arm_seed(ctx: _Context, arm: str, seed: int, flops: dict) -> dict:
     print(f"compare: {arm} seed {seed}: hold-out kNN {knn['top1']:.2f} ({knn['variant']}, {knn['blocks']} blocks, "
           f"standardise {knn['standardize']}, k {knn['k']}), probe {probe['top1']:.2f}")
     return record
+
+
+class _Ticker:
+    """Prints each finished stage of an arm-seed with its wall seconds (progress a user can follow)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.last = prefix, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        print(f"{self.prefix} {stage} done in {now - self.last:.0f} s", flush=True)
+        self.last = now
 
 
 def _variants(cfg: CompareConfig, model) -> list:
@@ -311,12 +328,14 @@ def _finetune_config(cfg: CompareConfig, seed: int, tune: int | None) -> Finetun
 def _curve(ctx: _Context, folder: Path, train: ho.Images, norm) -> list[dict]:
     """kNN (avg pool, last block, k=20) on the hold-out at each kept checkpoint, bank: ``curve_bank`` images."""
     points = []
-    bank = ctx.bank[: ctx.cfg.curve_bank]
+    bank, queries = ctx.bank[: ctx.cfg.curve_bank], ctx.holdout
+    subset = train.subset(torch.cat([bank, queries]))  # features of these images only
     for path in list_checkpoints(folder):
         model, ckpt = load_model(path)
-        x = ho.block_features(model, train, [("avg", True)], 1, norm, ctx.device)[("avg", True)][:, -1]
-        result = knn_on_features(x[bank], train.labels[bank], x[ctx.holdout], train.labels[ctx.holdout],
-                                 train.num_classes, KnnConfig(), ctx.device)  # fmt: skip
+        x = ho.block_features(model, subset, [("avg", True)], 1, norm, ctx.device)[("avg", True)][:, -1]
+        y = subset.labels
+        result = knn_on_features(x[: len(bank)], y[: len(bank)], x[len(bank):], y[len(bank):], train.num_classes,
+                                 KnnConfig(), ctx.device)  # fmt: skip
         points.append(dict(updates=ckpt["step"], knn_top1=result["top1"]))
     return points
 
