@@ -41,6 +41,7 @@ class DemoConfig:
     # the encoder of every arm: Fashion-MNIST's native 28 px, one channel (from the shards), 7-px patches (16 tokens)
     encoder: dict = field(default_factory=lambda: dict(img_size=28, patch_size=7, embed_dim=192, depth=4,
                                                        num_heads=6))  # fmt: skip
+    # MAE decoder options (decoder_embed_dim, decoder_depth, decoder_num_heads) for the demo's model
     decoder: dict = field(default_factory=lambda: dict(decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=4))
     blr: float = 1.5e-3  # 10x the paper's 1.5e-4: a run of a few hundred updates has to move fast
     crop_scale_min: float = 0.5  # small centred images: ImageNet's 0.2 crops away most of the garment

@@ -8,9 +8,15 @@ the field names as keys. Model architecture stays in timm kwargs (``model_kwargs
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import json
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Callable
@@ -176,15 +182,47 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
     return cls(**{name: _coerce(name, types_[name], value) for name, value in values.items()})
 
 
+@functools.cache
+def field_comments(cls) -> dict[str, str]:
+    """Each field's comment in the source of ``cls`` (and its dataclass bases): the trailing ``# ...`` on the field's
+    line, else the comment lines directly above it. The options' help is written once, where the field is."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        by_line = {tok.start[0]: tok.string.lstrip("#").strip()
+                   for tok in tokenize.generate_tokens(io.StringIO("".join(lines)).readline)
+                   if tok.type == tokenize.COMMENT}
+        body = ast.parse(textwrap.dedent("".join(lines))).body[0].body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                text = by_line.get(node.end_lineno)
+                if text is None or lines[node.lineno - 1].lstrip().startswith("#"):
+                    above, line = [], node.lineno - 1
+                    while line in by_line and lines[line - 1].lstrip().startswith("#"):
+                        above.insert(0, by_line[line])
+                        line -= 1
+                    text = " ".join(above) or None
+                if text:
+                    comments[node.target.id] = text
+    return comments
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add ``--config`` and one option per field of ``cls`` (help = the field's default)."""
+    """Add ``--config`` and one option per field of ``cls`` (help = the field's comment, then its default)."""
     parser.add_argument("--config", default=None, help="YAML file of settings (command-line options override it)")
     defaults = {f.name: f for f in dataclasses.fields(cls)}
     for name, tp in _field_types(cls).items():
         f = defaults[name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         base, _ = _strip_optional(tp)
-        kwargs = dict(dest=name, default=argparse.SUPPRESS, help=f"default: {default}")
+        about = field_comments(cls).get(name)
+        kwargs = dict(dest=name, default=argparse.SUPPRESS,
+                      help=f"{about} (default: {default})".replace("%", "%%") if about else f"default: {default}")
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is tuple:

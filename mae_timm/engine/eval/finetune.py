@@ -62,12 +62,12 @@ class FinetuneConfig:
     batch_size: int = 128  # per step
     blr: float = 1e-3  # lr = blr * batch_size / 256 (MAE paper: 5e-4 for ViT-B at batch 1024)
     min_lr: float = 1e-6  # end of the cosine schedule
-    warmup_epochs: int = 5  # linear warmup, then cosine; must be below epochs (runtime.check_warmup)
+    warmup_epochs: int = 5  # linear warmup, then cosine; must be below epochs (utils.settings.check_warmup)
     max_warmup_fraction: float = 0.1  # a short run warms up for at most this part of its updates
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (MAE fine-tune recipe: 0.05)
     layer_decay: float = 0.75  # lr of block i is lr * layer_decay ** (depth + 1 - i)
     drop_path_rate: float = 0.1  # at the full recipe (scaled by r)
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (MAE fine-tune recipe: 0.1)
     mixup: float = 0.8  # mixup alpha; 0 disables
     cutmix: float = 1.0  # cutmix alpha; 0 disables
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment config (MAE fine-tune); None disables

@@ -45,7 +45,7 @@ class LinprobeConfig:
     # lr = blr * batch_size / 256 with LARS (MAE paper: blr 0.1 at batch 16384, lr 6.4); at batch 1024 blr 1.0
     # (lr 4) was best of 0.1 / 1.0 / 3.0 on raw Fashion-MNIST pixels, 30 epochs, 50k train / 10k held-out train
     blr: float = 1.0
-    momentum: float = 0.9
+    momentum: float = 0.9  # LARS / SGD momentum (MAE linear probe: 0.9)
     weight_decay: float = 0.0  # MAE paper: no weight decay for the probe
     warmup_epochs: int = 10  # linear warmup, then cosine to 0; must be below epochs (runtime.check_warmup)
     global_pool: str = "avg"  # as KnnConfig.global_pool
