@@ -14,7 +14,7 @@ from mae_timm.utils.settings import add_config_arguments, config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.epilog = (
-        "examples: mae-timm pretrain --config configs/tiny_imagenet_tiny_late.yaml --data shards/ ; "
+        "examples: mae-timm pretrain --config tiny_imagenet_tiny_late --data shards/ ; "
         "mae-timm pretrain --model mae_vit_test --synthetic --epochs 1 --warmup-epochs 0 --out runs/smoke ; "
         "add --resume auto to continue a killed run"
     )

@@ -157,14 +157,29 @@ class _PlainLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # installed with the package
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or a shipped config by name from any folder: ``fashion_mnist_late``, ``fashion_mnist_late.yaml``
+    and ``configs/fashion_mnist_late.yaml`` (the repository's old path) all name
+    ``mae_timm/configs/fashion_mnist_late.yaml``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
+    raise FileNotFoundError(f"config file {path} does not exist, nor is it a shipped config ({names})")
+
+
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
     """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides`` (field name -> value)."""
     types_ = _field_types(cls)
     values = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             loaded = yaml.load(path.read_text(), Loader=_PlainLoader) or {}
         except yaml.YAMLError as e:  # a syntax error, or a tag (!!python/...) that safe_load refuses

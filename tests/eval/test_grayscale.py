@@ -24,7 +24,7 @@ from mae_timm.utils.settings import load_config
 from mae_timm.viz import is_gray, save_reconstruction_grid, to_display
 
 ASSETS = Path(mae_timm.__file__).parent / "assets"  # Fashion-MNIST sample: 5,000 train + 1,000 test images
-CONFIGS = Path(__file__).parents[2] / "configs"
+CONFIGS = Path(__file__).parents[2] / "mae_timm" / "configs"
 GRAY_STATS = dict(mean=[0.286], std=[0.353])  # Fashion-MNIST's train statistics (see test_fashion_mnist_stats)
 TINY = dict(img_size=28, patch_size=7, embed_dim=24, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
             decoder_num_heads=2)

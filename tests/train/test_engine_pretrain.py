@@ -107,7 +107,7 @@ def test_config_file_then_options(tmp_path):
         load_config(PretrainConfig, overrides={"epochs": "ten"})
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((REPO / "mae_timm" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_load(path):
     cfg = load_config(PretrainConfig, path)
     assert cfg.model in timm.list_models() and cfg.data and cfg.out.startswith("runs/")

@@ -33,3 +33,16 @@ def test_mask_ratio_zero_is_refused():  # it trained to a loss of exactly 0
 def test_command_line_nan_is_refused():
     with pytest.raises(UserError, match="cannot read 'nan' as float"):
         load_config(PretrainConfig, None, {"mask_ratio": "nan"})
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist_late", "fashion_mnist_late.yaml", "configs/fashion_mnist_late.yaml"])
+def test_shipped_configs_resolve_by_name_from_any_folder(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    cfg = load_config(PretrainConfig, name)
+    assert cfg.model == "mae_vit_tiny_patch8_64" and cfg.model_kwargs["in_chans"] == 1
+
+
+def test_an_unknown_config_names_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nor is it a shipped config .*fashion_mnist_late"):
+        load_config(PretrainConfig, "no_such_config")
