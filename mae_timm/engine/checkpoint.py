@@ -170,6 +170,11 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
     ckpt = load_checkpoint(path, map_location)
     name = ckpt["model_name"]
     check_record_is_data(ckpt, f"checkpoint {path}")  # building the model reads nothing but this file
+    try:  # NaN weights give a kNN accuracy, a figure or an export that mean nothing
+        _check_finite(ckpt["model"], Path(path))
+    except NonFiniteLossError as e:
+        what = str(e).split(", ")[0]
+        raise UserError(f"checkpoint {path}: {what}; it cannot be evaluated, drawn or exported") from None
     try:
         model = create_model_from_record(ckpt)
     except TypeError as e:  # an unexpected keyword argument

@@ -88,3 +88,23 @@ def test_an_honest_checkpoint_still_loads(checkpoint, tmp_path):
     model, ckpt = load_model(hostile(checkpoint, tmp_path, model_kwargs=kwargs))
     assert model.pretrained_cfg["mean"] == overlay["mean"]
     assert ckpt["model_name"] == "mae_vit_test" and not model.training
+
+
+@pytest.mark.parametrize("command", [["knn"], ["visualize", "--image", "SYNTH"], ["export", "--out", "OUT"]])
+def test_nan_weights_are_refused_by_every_reader(command, checkpoint, tmp_path, capsys):
+    weights = dict(checkpoint["model"])
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    path = tmp_path / "nan.pt"
+    torch.save(dict(checkpoint, model=weights), path)  # as a crash could leave it; save_checkpoint refuses NaN
+    args = [a.replace("OUT", str(tmp_path / "e")) for a in command]
+    if "SYNTH" in args:
+        from PIL import Image
+
+        Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp_path / "x.png")
+        args = [a.replace("SYNTH", str(tmp_path / "x.png")) for a in args] + ["--out", str(tmp_path / "fig.png")]
+    if command[0] == "knn":
+        args += ["--data", checkpoint["test_data"], "--device", "cpu"]
+    assert cli.main([args[0], "--checkpoint", str(path), *args[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"NaN or inf ({name})" in err, err
