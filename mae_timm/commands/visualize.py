@@ -12,6 +12,7 @@ from PIL import Image
 from mae_timm.data import GpuAugment, center_crop
 from mae_timm.data.decode import IMAGE_MODES
 from mae_timm.engine.checkpoint import load_model
+from mae_timm.utils import UserError
 from mae_timm.viz import save_reconstruction_grid
 
 
@@ -31,13 +32,19 @@ def load_images(
     arrays = []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # the header is read, not the pixels: a bomb is refused unpacked
+                if image.width * image.height > MAX_PIXELS:
+                    raise ValueError(f"image {path} claims {image.width} x {image.height} pixels, more than "
+                                     f"{MAX_PIXELS:,}: refused (a decompression bomb?)")
                 array = center_crop(image.convert(IMAGE_MODES[in_chans]), size, crop_pct=1.0)
-        except OSError as e:  # missing or not an image
+        except (OSError, Image.DecompressionBombError) as e:  # missing, not an image, or truncated
             raise ValueError(f"cannot read image {path}: {e}") from None
         arrays.append(torch.from_numpy(array.reshape(size, size, -1).copy()))  # (S, S, C)
     uint8 = torch.stack(arrays).permute(0, 3, 1, 2)  # (N, C, S, S)
     return GpuAugment(tuple(mean), tuple(std))(uint8)
+
+
+MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any image a ViT input is cropped from
 
 
 def run(args: argparse.Namespace, name: str) -> int:
@@ -45,6 +52,10 @@ def run(args: argparse.Namespace, name: str) -> int:
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     imgs = load_images(args.image, model.patch_embed.img_size[0], mean, std, model.input_channels())
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "reconstruction.png"
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the PNG file to write (e.g. {out / 'reconstruction.png'})")
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")  # what matplotlib would write; say so below
     save_reconstruction_grid(model, imgs, out, mask_ratio=args.mask_ratio, seed=args.seed, mean=mean, std=std)
     print(f"wrote {out}")
     return 0
