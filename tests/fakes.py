@@ -135,3 +135,14 @@ def make_shards(
     write_shards(out, splits, [f"class_{c}" for c in range(num_classes)], name="fake", min_shards=min_shards,
                  seed=seed, progress=False)
     return out
+
+
+def tiny_pretrain_config(out: str | Path, data: str | Path | None, **overrides):
+    """A pretraining run of mae_vit_test that takes seconds: batch 4, 2 epochs, 2 updates, a checkpoint each update,
+    no workers, figures, TensorBoard or progress bar; ``overrides`` change any setting."""
+    from mae_timm.engine.train.config import PretrainConfig
+
+    settings = dict(model="mae_vit_test", data=None if data is None else str(data), batch_size=4, epochs=2,
+                    warmup_epochs=0, max_steps=2, num_workers=0, save_every_steps=1, viz_every_epochs=0,
+                    tensorboard=False, progress=False, out=str(out))
+    return PretrainConfig(**dict(settings, **overrides))

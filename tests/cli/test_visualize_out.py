@@ -4,20 +4,17 @@ line each."""
 from __future__ import annotations
 
 import pytest
-from fakes import make_shards
+from fakes import make_shards, tiny_pretrain_config
 from PIL import Image
 
 from mae_timm import cli
-from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("viz")
-    cfg = PretrainConfig(model="mae_vit_test", data=str(make_shards(root)), batch_size=4, epochs=1, warmup_epochs=0,
-                         max_steps=1, num_workers=0, progress=False, tensorboard=False, viz_every_epochs=0,
-                         out=str(root / "run"))
+    cfg = tiny_pretrain_config(root / "run", make_shards(root), max_steps=1)
     image = root / "x.png"
     Image.new("RGB", (40, 40), (120, 30, 200)).save(image)
     return str(pretrain(cfg).checkpoint), str(image)

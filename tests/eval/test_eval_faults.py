@@ -4,19 +4,17 @@ skipped inputs."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from fakes import jpeg_bytes, make_shards
+from fakes import jpeg_bytes, make_shards, tiny_pretrain_config
 
 from mae_timm.data import Sample, write_shards
 from mae_timm.engine.eval.evaluate import EvalData, evaluate_checkpoint
 from mae_timm.engine.eval.finetune import FinetuneConfig, finetune_evaluate
 from mae_timm.engine.eval.knn import KnnConfig
-from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.pretrain import pretrain
 from mae_timm.utils import NonFiniteLossError
 
@@ -26,11 +24,7 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("engine"))  # 32 train images of 32 px in 4 shards
 
 
-def config(out: Path, shards: Path, **overrides) -> PretrainConfig:
-    settings = dict(model="mae_vit_test", data=str(shards), batch_size=4, epochs=2, warmup_epochs=0, max_steps=2,
-                    num_workers=0, save_every_steps=1, viz_every_epochs=0, tensorboard=False, progress=False,
-                    out=str(out))
-    return PretrainConfig(**dict(settings, **overrides))
+config = tiny_pretrain_config
 
 
 def test_training_loops_stop_on_a_non_finite_loss():

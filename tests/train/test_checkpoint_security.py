@@ -7,12 +7,11 @@ import builtins
 
 import pytest
 import torch
-from fakes import make_shards
+from fakes import make_shards, tiny_pretrain_config
 from servers import FileServer
 
 from mae_timm import cli
 from mae_timm.engine.checkpoint import load_checkpoint, load_model, save_checkpoint
-from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.pretrain import pretrain
 from mae_timm.models.factory import RECORD_KWARGS
 from mae_timm.utils import UserError
@@ -21,9 +20,7 @@ from mae_timm.utils import UserError
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    cfg = PretrainConfig(model="mae_vit_test", data=str(make_shards(root)), batch_size=4, epochs=1, warmup_epochs=0,
-                         max_steps=1, num_workers=0, progress=False, tensorboard=False, viz_every_epochs=0,
-                         out=str(root / "run"))
+    cfg = tiny_pretrain_config(root / "run", make_shards(root), max_steps=1)
     ckpt = load_checkpoint(pretrain(cfg).checkpoint)
     ckpt["test_data"] = cfg.data  # for the CLI call below; a checkpoint may hold keys it does not use
     return ckpt

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from fakes import SUBPROCESS_ENV, make_shards
+from fakes import SUBPROCESS_ENV, make_shards, tiny_pretrain_config
 
 import mae_timm.engine.train.pretrain as pretrain_module
 from mae_timm import cli
 from mae_timm.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.pretrain import pretrain
 from mae_timm.utils import UserError
 
@@ -23,11 +21,7 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("engine"))  # 32 train images of 32 px in 4 shards
 
 
-def config(out: Path, shards: Path, **overrides) -> PretrainConfig:
-    settings = dict(model="mae_vit_test", data=str(shards), batch_size=4, epochs=2, warmup_epochs=0, max_steps=2,
-                    num_workers=0, save_every_steps=1, viz_every_epochs=0, tensorboard=False, progress=False,
-                    out=str(out))
-    return PretrainConfig(**dict(settings, **overrides))
+config = tiny_pretrain_config
 
 
 def test_non_finite_weights_are_never_saved(shards, tmp_path, capsys, monkeypatch):

@@ -4,18 +4,13 @@
 from __future__ import annotations
 
 import pytest
-from fakes import make_shards
+from fakes import make_shards, tiny_pretrain_config
 
 from mae_timm.engine.checkpoint import load_checkpoint
-from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.pretrain import pretrain
 from mae_timm.utils import UserError
 
-
-def config(out, data, **overrides):
-    settings = dict(model="mae_vit_test", data=str(data), batch_size=4, epochs=2, warmup_epochs=0, max_steps=2,
-                    num_workers=0, progress=False, tensorboard=False, viz_every_epochs=0, out=str(out))
-    return PretrainConfig(**dict(settings, **overrides))
+config = tiny_pretrain_config
 
 
 @pytest.fixture(scope="module")

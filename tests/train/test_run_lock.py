@@ -9,13 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from fakes import SUBPROCESS_ENV, make_shards
+from fakes import SUBPROCESS_ENV, make_shards, tiny_pretrain_config
 
 from mae_timm import cli
-from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.pretrain import pretrain
 
 
@@ -24,11 +22,7 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("engine"))  # 32 train images of 32 px in 4 shards
 
 
-def config(out: Path, shards: Path, **overrides) -> PretrainConfig:
-    settings = dict(model="mae_vit_test", data=str(shards), batch_size=4, epochs=2, warmup_epochs=0, max_steps=2,
-                    num_workers=0, save_every_steps=1, viz_every_epochs=0, tensorboard=False, progress=False,
-                    out=str(out))
-    return PretrainConfig(**dict(settings, **overrides))
+config = tiny_pretrain_config
 
 
 HOLDER = """
@@ -60,7 +54,7 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path, capsys):
     assert first.returncode == 0 and "stopped by signal" in stdout, stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))  # the first run's records are intact
-    assert pretrain(config(out, None, data=None, synthetic=True, synthetic_samples=64, epochs=100, save_every_steps=0,
+    assert pretrain(config(out, None, synthetic=True, synthetic_samples=64, epochs=100, save_every_steps=0,
                            max_steps=steps[-1] + 1, resume="auto")).step == steps[-1] + 1  # free again
 
 
