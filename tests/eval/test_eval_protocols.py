@@ -106,8 +106,11 @@ def test_knn_votes_on_the_eval_device(separable, device, monkeypatch):
         return knn_scores(bank, labels, queries, num_classes, **kwargs)
 
     monkeypatch.setattr(knn, "knn_scores", knn_scores_on)
-    result = knn_evaluate(timm.create_model("mae_vit_test"), train, val, 4, KnnConfig(), device)
-    assert devices == [device.type] * 3 and 0 <= result["top1"] <= 100
+    model = timm.create_model("mae_vit_test")
+    result = knn_evaluate(model, train, val, 4, KnnConfig(), device)
+    on_cpu = knn_evaluate(model.cpu(), train, val, 4, KnnConfig(), "cpu")
+    # the device changes where the votes are counted, not their result (one flipped vote of 20 allowed)
+    assert devices == [device.type] * 3 and abs(result["top1"] - on_cpu["top1"]) <= 5.0
 
 
 def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable, monkeypatch):
@@ -130,7 +133,8 @@ def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable, monk
                          full_recipe_updates=2)  # two updates get the full recipe
     logs = []
     result = finetune_evaluate(model, train[:2], val, 4, cfg, "cpu", log=logs.append)
-    assert 0.0 <= result["top1"] <= 100.0 and math.isfinite(result["train_loss"])
+    num_val = sum(len(labels) for _, labels in val)
+    assert result["top1"] in [100 * i / num_val for i in range(num_val + 1)] and math.isfinite(result["train_loss"])
     assert len(result["history"]) == 1 and logs[0]["epoch"] == 1 and "best_top1" not in result
     assert result["recipe_strength"] == 1.0 and result["updates"] == 2
     classifier = seen["classifier"]
