@@ -26,6 +26,8 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.devi
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"device {name!r} is unknown; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # meta holds no data, mps/xpu/... are untested: refused before work
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} requested but CUDA is not available here; use --device cpu")
     if device.type == "cuda" and device.index is None:

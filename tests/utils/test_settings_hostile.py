@@ -46,3 +46,11 @@ def test_an_unknown_config_names_the_shipped_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="nor is it a shipped config .*fashion_mnist_late"):
         load_config(PretrainConfig, "no_such_config")
+
+
+@pytest.mark.parametrize("name", ["meta", "mps", "xpu"])
+def test_unsupported_devices_are_refused_before_work(name):
+    from mae_timm.utils.device import resolve_device
+
+    with pytest.raises(UserError, match=f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N"):
+        resolve_device(name)
