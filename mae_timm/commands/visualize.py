@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mae_timm.data import GpuAugment, center_crop
-from mae_timm.data.decode import IMAGE_MODES
+from mae_timm.data.decode import IMAGE_MODES, check_size
 from mae_timm.engine.checkpoint import load_model
 from mae_timm.utils import UserError
 from mae_timm.viz import save_reconstruction_grid
@@ -33,18 +33,13 @@ def load_images(
     for path in paths:
         try:
             with Image.open(path) as image:  # the header is read, not the pixels: a bomb is refused unpacked
-                if image.width * image.height > MAX_PIXELS:
-                    raise ValueError(f"image {path} claims {image.width} x {image.height} pixels, more than "
-                                     f"{MAX_PIXELS:,}: refused (a decompression bomb?)")
+                check_size(image)
                 array = center_crop(image.convert(IMAGE_MODES[in_chans]), size, crop_pct=1.0)
-        except (OSError, Image.DecompressionBombError) as e:  # missing, not an image, or truncated
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, not an image, truncated, a bomb
             raise ValueError(f"cannot read image {path}: {e}") from None
         arrays.append(torch.from_numpy(array.reshape(size, size, -1).copy()))  # (S, S, C)
     uint8 = torch.stack(arrays).permute(0, 3, 1, 2)  # (N, C, S, S)
     return GpuAugment(tuple(mean), tuple(std))(uint8)
-
-
-MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any image a ViT input is cropped from
 
 
 def run(args: argparse.Namespace, name: str) -> int:

@@ -57,14 +57,19 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, KeyError, RuntimeError, Image
 MAX_PIXELS = 1 << 25  # largest image decoded (33.5 M pixels, 5792 x 5792); its header is read first
 
 
-def check_pixels(data: bytes) -> None:
-    """ValueError (counted as an undecodable image) when the image's header claims more than ``MAX_PIXELS``
-    pixels: checked before decoding, so a 16x16 JPEG whose header says 8000x8000 (a decompression bomb) is never
-    decoded. PIL reads only the header here."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
+def check_size(image: Image.Image) -> None:
+    """ValueError when an opened image's header claims more than ``MAX_PIXELS`` pixels (PIL has read only the
+    header): a 16x16 JPEG whose header says 8000x8000 (a decompression bomb) is never decoded."""
+    width, height = image.size
     if width * height > MAX_PIXELS:
-        raise ValueError(f"the image header claims {width}x{height} pixels, more than the {MAX_PIXELS} allowed")
+        raise ValueError(f"the image header claims {width}x{height} pixels, more than the {MAX_PIXELS} allowed "
+                         "(a decompression bomb?)")
+
+
+def check_pixels(data: bytes) -> None:
+    """:func:`check_size` of encoded bytes, before decoding (the loader counts the ValueError as undecodable)."""
+    with Image.open(io.BytesIO(data)) as image:
+        check_size(image)
 
 
 def sample_image(sample: dict) -> tuple[str, bytes]:

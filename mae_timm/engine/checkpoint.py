@@ -63,7 +63,9 @@ def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Pa
     ``.part`` file stays behind.
     """
     path = Path(path)
-    _check_finite(state["model"], path)
+    bad = _first_non_finite(state["model"])
+    if bad is not None:
+        raise NonFiniteLossError(f"the weights hold NaN or inf ({bad}), {path.name} not saved")
     with atomic_write(path) as f:
         try:
             torch.save(state, f)
@@ -85,12 +87,12 @@ def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Pa
     return path
 
 
-def _check_finite(weights: dict, path: Path) -> None:
-    """Raise NonFiniteLossError when a floating tensor of ``weights`` holds NaN or inf (one device sync)."""
+def _first_non_finite(weights: dict) -> str | None:
+    """The name of the first floating tensor of ``weights`` that holds NaN or inf, else None (one device sync)."""
     floats = {name: t for name, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()}
     if floats and not torch.stack([t.isfinite().all() for t in floats.values()]).all().item():
-        bad = next(name for name, t in floats.items() if not t.isfinite().all())
-        raise NonFiniteLossError(f"the weights hold NaN or inf ({bad}), {path.name} not saved")
+        return next(name for name, t in floats.items() if not t.isfinite().all())
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -170,11 +172,10 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
     ckpt = load_checkpoint(path, map_location)
     name = ckpt["model_name"]
     check_record_is_data(ckpt, f"checkpoint {path}")  # building the model reads nothing but this file
-    try:  # NaN weights give a kNN accuracy, a figure or an export that mean nothing
-        _check_finite(ckpt["model"], Path(path))
-    except NonFiniteLossError as e:
-        what = str(e).split(", ")[0]
-        raise UserError(f"checkpoint {path}: {what}; it cannot be evaluated, drawn or exported") from None
+    bad = _first_non_finite(ckpt["model"])  # NaN weights give a kNN accuracy, a figure or an export that mean nothing
+    if bad is not None:
+        raise UserError(f"checkpoint {path}: the weights hold NaN or inf ({bad}); it cannot be evaluated, drawn or "
+                        "exported")
     try:
         model = create_model_from_record(ckpt)
     except TypeError as e:  # an unexpected keyword argument

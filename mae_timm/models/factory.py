@@ -105,18 +105,18 @@ PREPROCESSING_CFG = frozenset({"mean", "std", "input_size", "min_input_size", "f
 def check_record_is_data(record: dict, source: str) -> None:
     """Refuse (UserError, one line) a model record that would make building it read a file or the network: names
     with a scheme (``hf-hub:``, ``local-dir:``) or not registered in timm, and kwargs outside :data:`RECORD_KWARGS`."""
-    for field in ("model_kwargs", "encoder_kwargs"):
-        if not isinstance(record.get(field) or {}, dict):
-            raise UserError(f"{source}: {field} is a {type(record[field]).__name__}, not a mapping")
+    kwargs_of = {field: record.get(field) or {} for field in ("model_kwargs", "encoder_kwargs")}
+    for field, kwargs in kwargs_of.items():
+        if not isinstance(kwargs, dict):
+            raise UserError(f"{source}: {field} is a {type(kwargs).__name__}, not a mapping")
     names = [record.get("encoder") if record.get("pretext") is not None else record.get("model_name")]
-    if isinstance((record.get("model_kwargs") or {}).get("encoder"), str):
-        names.append(record["model_kwargs"]["encoder"])
+    if isinstance(kwargs_of["model_kwargs"].get("encoder"), str):
+        names.append(kwargs_of["model_kwargs"]["encoder"])
     for name in names:
         if not isinstance(name, str) or ":" in name or not timm.is_model(name):
             raise UserError(f"{source} names the model {str(name)[:80]!r}, which is not registered in timm "
                             "(import its package first); names with a scheme (hf-hub:, local-dir:) are refused")
-    for field in ("model_kwargs", "encoder_kwargs"):
-        kwargs = record.get(field) or {}
+    for field, kwargs in kwargs_of.items():
         refused = sorted(str(k)[:40] for k in kwargs if k not in RECORD_KWARGS and k != "pretrained_cfg_overlay")
         overlay = kwargs.get("pretrained_cfg_overlay", {})
         if not isinstance(overlay, dict):

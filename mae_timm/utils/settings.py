@@ -216,7 +216,7 @@ def field_comments(cls) -> dict[str, str]:
         for node in body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
                 text = by_line.get(node.end_lineno)
-                if text is None or lines[node.lineno - 1].lstrip().startswith("#"):
+                if text is None:  # no trailing comment: the comment lines directly above
                     above, line = [], node.lineno - 1
                     while line in by_line and lines[line - 1].lstrip().startswith("#"):
                         above.insert(0, by_line[line])
@@ -229,7 +229,8 @@ def field_comments(cls) -> dict[str, str]:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add ``--config`` and one option per field of ``cls`` (help = the field's comment, then its default)."""
-    parser.add_argument("--config", default=None, help="YAML file of settings (command-line options override it)")
+    parser.add_argument("--config", default=None, help="YAML file of settings, or a shipped config's name (e.g. "
+                        "fashion_mnist_late; command-line options override it)")
     defaults = {f.name: f for f in dataclasses.fields(cls)}
     for name, tp in _field_types(cls).items():
         f = defaults[name]

@@ -187,6 +187,15 @@ def test_bad_idx_files_are_one_line(tmp_path, capsys):
     assert code == 2 and "expected (N, H, W) images" in capsys.readouterr().err
 
 
+def cat_photos(tmp_path: Path, count: int, rng) -> Path:
+    """An imagefolder ``tmp_path/photos`` of one class, ``cat``, with ``count`` 16 px JPEGs; returns its folder."""
+    folder = tmp_path / "photos" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(rng, 16))
+    return folder
+
+
 def test_out_of_range_labels_are_not_written(tmp_path):
     samples = [Sample(f"k{i}", jpeg_bytes(np.random.default_rng(i), 8), cls=c) for i, c in enumerate([0, 1, 200])]
     with pytest.raises(DataError, match="class 200, outside 0..9"):
@@ -195,10 +204,7 @@ def test_out_of_range_labels_are_not_written(tmp_path):
 
 def test_imagefolder_reports_what_it_skips_and_keeps_non_utf8_names(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    folder = tmp_path / "photos" / "cat"
-    folder.mkdir(parents=True)
-    for i in range(3):
-        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(rng, 16))
+    folder = cat_photos(tmp_path, 3, rng)
     for suffix in (".bmp", ".gif", ".tif"):
         (folder / f"x{suffix}").write_bytes(b"not read")
     odd = os.fsencode(folder) + b"/caf\xe9.jpg"
@@ -238,10 +244,7 @@ def test_out_under_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch)
 
 def test_fixed_source_image_rewrites_its_shard(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    folder = tmp_path / "photos" / "cat"
-    folder.mkdir(parents=True)
-    for i in range(4):
-        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(rng, 16))
+    folder = cat_photos(tmp_path, 4, rng)
     (folder / "2.jpg").write_bytes(b"corrupt")
     out = tmp_path / "out"
     first = write_source(out, imagefolder(tmp_path / "photos"), min_shards=2, progress=False)

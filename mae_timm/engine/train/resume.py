@@ -101,15 +101,16 @@ def check_resumable(ckpt: dict, path: Path, model_name: str, updates_per_epoch: 
     ``force`` (``--force-resume``): another seed or other images would silently give another run."""
     if ckpt["model_name"] != model_name:
         raise UserError(f"checkpoint {path} is of {ckpt['model_name']}, not --model {model_name}")
-    recorded = dict(seed=(ckpt.get("config") or {}).get("seed"), data=ckpt.get("data_identity"))
-    other = [f"{k} {recorded[k]} (now {v})" for k, v in dict(seed=seed, data=data).items()
-             if v is not None and recorded[k] is not None and recorded[k] != v]
+    saved = dict(ckpt.get("config") or {}, world_size=ckpt.get("world_size"), data=ckpt.get("data_identity"))
+
+    def differences(**ours) -> list[str]:  # settings the checkpoint records with another value than this run's
+        return [f"{k} {saved[k]} (now {v})" for k, v in ours.items() if v is not None and saved.get(k) not in (None, v)]
+
+    other = differences(seed=seed, data=data)
     if other and not force:
         raise UserError(f"checkpoint {path} was made with {', '.join(other)}: resume with the same seed and data, "
                         "pass --force-resume to continue anyway, or start a new --out")
-    saved = dict(ckpt.get("config") or {}, world_size=ckpt.get("world_size"))
-    ours = dict(world_size=world_size, batch_size=batch_size, accum_steps=accum_steps)
-    differ = [f"{k} {saved[k]} (now {v})" for k, v in ours.items() if v is not None and saved.get(k) not in (None, v)]
+    differ = differences(world_size=world_size, batch_size=batch_size, accum_steps=accum_steps)
     if differ:
         raise UserError(
             f"checkpoint {path} was made with {', '.join(differ)}: resume with the same batch size, accum steps and "
