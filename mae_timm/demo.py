@@ -91,7 +91,8 @@ def save_true_stats_reconstruction(model, imgs: torch.Tensor, path: Path, mask_r
     removed = out.mask.float().unsqueeze(-1)  # (N, L, 1), 1 = removed
     masked = unpatchify(target * (1 - removed), patch, imgs.shape[-2:])
     pasted = unpatchify(target * (1 - removed) + pred * removed, patch, imgs.shape[-2:])
-    columns = {"original": to_display(imgs, mean, std), "masked (removed: black)": to_display(masked, mean, std),
+    columns = {"original": to_display(imgs, mean, std),
+               "masked (removed: grey,\nthe dataset mean)": to_display(masked, mean, std),
                "visible + predicted\n(removed patches' true\nmean/std, official display)":
                    to_display(pasted, mean, std)}
     fig = Figure(figsize=(6.0, 2.0 * len(imgs) + 0.9), layout="constrained")
