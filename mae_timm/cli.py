@@ -5,8 +5,9 @@ Each subcommand lives in its own module under ``mae_timm/commands/`` and provide
 serve several, as ``evaluate`` does for knn / linprobe / finetune). Modules are imported only when their
 subcommand runs, so ``mae-timm --help`` stays fast and optional extras stay optional.
 
-This is the one place that turns errors a user can cause (``UserError`` and other ``ValueError``s, a missing or
-clashing file, a non-finite loss) into one line on stderr and exit code 2; commands let them propagate.
+This is the one place that turns errors a user can cause (``mae_timm.utils.USER_ERRORS``: ``UserError`` and other
+``ValueError``s, a missing, clashing or unreadable file, a non-finite loss) into one line on stderr and exit code 2;
+commands let them propagate, and anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = _load(COMMANDS[args.command][0])
-    from mae_timm.utils import NonFiniteLossError
+    from mae_timm.utils import USER_ERRORS
 
     try:
         return int(module.run(args, args.command) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+    except USER_ERRORS as e:
         # errors a user can cause (bad settings, missing or clashing files, a diverged run) are one line
         print(f"mae-timm {args.command}: error: {e}", file=sys.stderr)
         return 2

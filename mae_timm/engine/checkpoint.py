@@ -24,6 +24,7 @@ __all__ = [
     "capture_rng_state",
     "checkpoint_path",
     "find_latest_checkpoint",
+    "first_non_finite",
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
@@ -63,7 +64,7 @@ def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Pa
     ``.part`` file stays behind.
     """
     path = Path(path)
-    bad = _first_non_finite(state["model"])
+    bad = first_non_finite(state["model"])
     if bad is not None:
         raise NonFiniteLossError(f"the weights hold NaN or inf ({bad}), {path.name} not saved")
     with atomic_write(path) as f:
@@ -87,7 +88,7 @@ def save_checkpoint(state: dict, path: str | Path, link_last: bool = True) -> Pa
     return path
 
 
-def _first_non_finite(weights: dict) -> str | None:
+def first_non_finite(weights: dict) -> str | None:
     """The name of the first floating tensor of ``weights`` that holds NaN or inf, else None (one device sync)."""
     floats = {name: t for name, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()}
     if floats and not torch.stack([t.isfinite().all() for t in floats.values()]).all().item():
@@ -172,7 +173,7 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
     ckpt = load_checkpoint(path, map_location)
     name = ckpt["model_name"]
     check_record_is_data(ckpt, f"checkpoint {path}")  # building the model reads nothing but this file
-    bad = _first_non_finite(ckpt["model"])  # NaN weights give a kNN accuracy, a figure or an export that mean nothing
+    bad = first_non_finite(ckpt["model"])  # NaN weights give a kNN accuracy, a figure or an export that mean nothing
     if bad is not None:
         raise UserError(f"checkpoint {path}: the weights hold NaN or inf ({bad}); it cannot be evaluated, drawn or "
                         "exported")

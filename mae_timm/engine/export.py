@@ -42,6 +42,7 @@ from mae_timm.utils import UserError, atomic_write, fsync_dir
 
 __all__ = [
     "atomic_folder",
+    "check_export_folder",
     "create_model_line",
     "encoder_pretrained_cfg",
     "export_hf_folder",
@@ -61,6 +62,16 @@ _HF_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "RE
 GRAY_TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 
+def check_export_folder(out: str | Path, allowed: set[str] = _TIMM_FILES) -> Path:
+    """``out`` may become an export: absent, empty, or an earlier export (only ``allowed`` file names)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; name a folder for the export")
+    if out.is_dir() and not {p.name for p in out.iterdir()} <= allowed:
+        raise UserError(f"{out} holds other files than an export ({sorted(allowed)}); name a new or empty folder")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | Path, allowed: set[str]) -> Iterator[Path]:
     """Yield an empty temp folder beside ``out``; on a clean exit it replaces ``out``.
@@ -68,11 +79,7 @@ def atomic_folder(out: str | Path, allowed: set[str]) -> Iterator[Path]:
     ``out`` must be absent, empty, or an earlier artifact (only ``allowed`` file names): anything else is refused
     before writing. An exception leaves ``out`` as it was and removes the temp folder.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; name a folder for the export")
-    if out.is_dir() and not {p.name for p in out.iterdir()} <= allowed:
-        raise UserError(f"{out} holds other files than an export ({sorted(allowed)}); name a new or empty folder")
+    out = check_export_folder(out, allowed)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
     shutil.rmtree(tmp, ignore_errors=True)

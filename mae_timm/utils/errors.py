@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteLossError", "UserError"]
+__all__ = ["USER_ERRORS", "NonFiniteLossError", "UserError"]
 
 
 class UserError(ValueError):
@@ -11,3 +11,10 @@ class UserError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without saving (the CLI: one line, exit code 2)."""
+
+
+# The boundary between a user's mistake and a bug, in one place: the CLI prints these as one line (exit code 2) and
+# lets everything else raise. Commands raise UserError for what they check; the others are what Python and torch
+# raise for a user's bad value or path (a missing, clashing, unreadable or wrong-kind file).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+               NonFiniteLossError)

@@ -120,6 +120,8 @@ def _coerce(name: str, tp, value):
                 raise ValueError(value)
             if tp is float and not math.isfinite(float(value)):  # nan / inf: no setting means that
                 raise ValueError(value)
+            if tp is int and not -(2**63) <= int(value) < 2**63:  # beyond int64 no tensor or index can hold it
+                raise ValueError(value)
             return tp(value)
         if tp is dict or typing.get_origin(tp) is dict:
             value = json.loads(value) if isinstance(value, str) else value

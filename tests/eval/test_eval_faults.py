@@ -16,7 +16,7 @@ from mae_timm.engine.eval.evaluate import EvalData, evaluate_checkpoint
 from mae_timm.engine.eval.finetune import FinetuneConfig, finetune_evaluate
 from mae_timm.engine.eval.knn import KnnConfig
 from mae_timm.engine.train.pretrain import pretrain
-from mae_timm.utils import NonFiniteLossError
+from mae_timm.utils import NonFiniteLossError, UserError
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,32 @@ def test_result_file_carries_skipped_counts(shards, tmp_path):
     saved = json.loads((tmp_path / "knn.json").read_text())
     assert saved["num_val"] == 5 and saved["data_errors"]["validation"]["bad_images"] == 1
     assert saved["data_errors"]["train"] == dict(bad_images=1, bad_shards=0, reserved_members=0)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(reprob=-1.0), r"reprob \(--reprob\) is -1.0; it must be in \[0, 1\]"),
+    (dict(reprob=2.0), r"reprob \(--reprob\) is 2.0; it must be in \[0, 1\]"),
+    (dict(full_recipe_updates=-5), r"full_recipe_updates \(--full-recipe-updates\) is -5; it must be at least 1"),
+    (dict(rand_augment="bogus"), r"rand_augment \(--rand-augment\) 'bogus' is not a timm RandAugment string"),
+])
+def test_finetune_settings_out_of_range_are_refused_when_built(settings, message):
+    with pytest.raises(UserError, match=message):
+        FinetuneConfig(**settings)
+    FinetuneConfig(rand_augment="rand-m7-n1", reprob=0.0)  # valid ones still build
+
+
+def test_a_finetune_save_dir_that_cannot_be_written_is_refused_before_training(tmp_path):
+    (tmp_path / "save" / "last").mkdir(parents=True)
+    (tmp_path / "save" / "last" / "notes.txt").write_text("mine")
+
+    class Untouched:  # training would iterate it
+        def __iter__(self):
+            raise AssertionError("the loader was read before the save folder was checked")
+
+        def __len__(self):
+            return 1
+
+    cfg = FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, save_dir=str(tmp_path / "save"))
+    with pytest.raises(UserError, match=r"save/last holds other files than an export"):
+        finetune_evaluate(timm.create_model("mae_vit_test"), Untouched(), Untouched(), 4, cfg, "cpu")
+    assert (tmp_path / "save" / "last" / "notes.txt").read_text() == "mine"

@@ -15,6 +15,7 @@ from mae_timm.utils.settings import load_config
     ("batch_size: true\n", r"setting 'batch_size': cannot read True as int"),
     ("mask_ratio: .nan\n", r"setting 'mask_ratio': cannot read nan as float"),
     ("blr: .inf\n", r"setting 'blr': cannot read inf as float"),
+    ("synthetic_samples: 100000000000000000000\n", r"setting 'synthetic_samples': cannot read 1000+ as int"),
 ])
 def test_hostile_yaml_is_refused_in_one_line(text, message, tmp_path):
     path = tmp_path / "c.yaml"
@@ -33,6 +34,12 @@ def test_mask_ratio_zero_is_refused():  # it trained to a loss of exactly 0
 def test_command_line_nan_is_refused():
     with pytest.raises(UserError, match="cannot read 'nan' as float"):
         load_config(PretrainConfig, None, {"mask_ratio": "nan"})
+
+
+def test_integers_beyond_int64_are_refused():  # 1e20 synthetic samples: an OverflowError deep in torch
+    with pytest.raises(UserError, match="cannot read '100000000000000000000' as int"):
+        load_config(PretrainConfig, None, {"synthetic_samples": str(10**20)})
+    assert load_config(PretrainConfig, None, {"synthetic_samples": str(2**40)}).synthetic_samples == 2**40
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist_late", "fashion_mnist_late.yaml", "configs/fashion_mnist_late.yaml"])

@@ -40,7 +40,7 @@ from mae_timm.engine.eval.common import (
     topk_accuracy,
     warmup_updates,
 )
-from mae_timm.engine.export import loader_label_names, save_finetuned
+from mae_timm.engine.export import check_export_folder, loader_label_names, save_finetuned
 from mae_timm.utils import UserError, autocast, autocast_dtype
 from mae_timm.utils.settings import above, at_least, check_settings, fraction
 
@@ -87,6 +87,12 @@ class FinetuneConfig:
 
     def __post_init__(self):  # epochs and warmup: the one warmup rule, when fine-tuning starts
         check_settings(self, _FINETUNE_RULES)
+        if self.rand_augment:  # timm parses the string only when the transform is built: fail before training
+            try:
+                rand_augment_transform(self.rand_augment, dict(translate_const=10, img_mean=(128, 128, 128)))
+            except (AssertionError, ValueError, KeyError, IndexError):
+                raise UserError(f"setting rand_augment (--rand-augment) {self.rand_augment!r} is not a timm "
+                                "RandAugment string such as 'rand-m9-mstd0.5-inc1'") from None
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size < 2:
             raise UserError(f"setting batch_size (--batch-size) is {self.batch_size}; mixup and cutmix pair "
                             "samples, so it must be at least 2 (or set --mixup 0 --cutmix 0)")
@@ -96,7 +102,8 @@ _FINETUNE_RULES = dict(
     batch_size=at_least(1), blr=above(0), min_lr=at_least(0), weight_decay=at_least(0),
     layer_decay=fraction(one=True), drop_path_rate=fraction(zero=True), label_smoothing=fraction(zero=True),
     mixup=at_least(0), cutmix=at_least(0), global_pool=GLOBAL_POOLS, crop_scale_min=fraction(one=True),
-    clip_grad=above(0), tune_last_blocks=at_least(0),
+    clip_grad=above(0), tune_last_blocks=at_least(0), reprob=fraction(zero=True, one=True),
+    full_recipe_updates=at_least(1),
 )
 
 
@@ -191,6 +198,9 @@ def finetune_evaluate(
     if cfg.warmup_epochs < 0 or not 0 <= cfg.max_warmup_fraction < 1:
         raise UserError(f"fine-tune warmup_epochs must be >= 0 and max_warmup_fraction in [0, 1), got "
                         f"{cfg.warmup_epochs} and {cfg.max_warmup_fraction}")  # fmt: skip
+    if cfg.save_dir is not None:  # refused before training, not after it (the result would be lost)
+        for name in ("last", "best"):
+            check_export_folder(f"{cfg.save_dir}/{name}")
     # the warmup is capped at a fraction of the run (warmup_updates), so it always leaves a cosine decay
     device = start_training(cfg.epochs, 0, cfg.seed, device)
     steps_per_epoch = len(train_loader)

@@ -56,7 +56,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
         # model: the same initial weights on every rank
         seed_everything(cfg.seed)
-        model, record = build_model(cfg)
+        model, record = build_model(cfg, info.device)
         model.to(info.device).train()
         record = dict(record, world_size=info.world_size, config=dataclasses.asdict(cfg), version=__version__,
                       data_identity=data_identity(cfg.data, cfg.split, cfg.synthetic, cfg.synthetic_samples))

@@ -92,6 +92,10 @@ def data_identity(data: str | None, split: str, synthetic: bool, synthetic_sampl
     return f"shards:{data}:{split}"
 
 
+# what a resume reads besides the model (load_model checks the model's keys)
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "data_position", "step")
+
+
 def check_resumable(ckpt: dict, path: Path, model_name: str, updates_per_epoch: int, *, world_size: int = 1,
                     batch_size: int | None = None, accum_steps: int | None = None, seed: int | None = None,
                     data: str | None = None, force: bool = False) -> None:
@@ -99,6 +103,13 @@ def check_resumable(ckpt: dict, path: Path, model_name: str, updates_per_epoch: 
     of ``updates_per_epoch`` per epoch, made by ``world_size`` processes of ``batch_size`` x ``accum_steps``
     images (checked where the checkpoint records them). The same seed and data (:func:`data_identity`) too, unless
     ``force`` (``--force-resume``): another seed or other images would silently give another run."""
+    missing = [key for key in RESUME_KEYS if key not in ckpt]
+    position, step = ckpt.get("data_position"), ckpt.get("step")
+    if missing or not isinstance(position, dict) or not isinstance(position.get("updates_per_epoch"), int):
+        raise UserError(f"checkpoint {path} cannot be resumed: it lacks {', '.join(missing) or 'data_position'} "
+                        "(a checkpoint of weights only can be evaluated or exported, not continued)")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"checkpoint {path} cannot be resumed: its step {str(step)[:40]!r} is not a count of updates")
     if ckpt["model_name"] != model_name:
         raise UserError(f"checkpoint {path} is of {ckpt['model_name']}, not --model {model_name}")
     saved = dict(ckpt.get("config") or {}, world_size=ckpt.get("world_size"), data=ckpt.get("data_identity"))

@@ -22,7 +22,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 from mae_timm.data import GpuAugment
-from mae_timm.engine.checkpoint import capture_rng_state, load_weights, restore_rng_state
+from mae_timm.engine.checkpoint import capture_rng_state, first_non_finite, load_weights, restore_rng_state
 from mae_timm.engine.train.config import COMPILE_MODES, PretrainConfig
 from mae_timm.engine.train.distributed import DistInfo
 from mae_timm.utils import UserError, autocast, autocast_dtype
@@ -89,6 +89,21 @@ class Trainer:
     def load_state_dict(self, ckpt: dict) -> None:
         """Restore what :meth:`state_dict` wrote (the checkpoint was checked by ``resume.check_resumable``)."""
         load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one line, not 75
+        # NaN in the AdamW moments makes the first update NaN, and the error would then blame the next checkpoint
+        states = ckpt["optimizer"].get("state", {}).items()
+        moments = {f"optimizer moment {k} of parameter {i}": v for i, state in states for k, v in state.items()
+                   if torch.is_tensor(v)}  # fmt: skip
+        bad = first_non_finite(moments)
+        if bad:
+            raise UserError(f"the checkpoint holds NaN or inf ({bad}); it cannot be resumed: resume from an earlier "
+                            "checkpoint (--resume PATH) or start a new --out")
+        try:
+            self._load_training_state(ckpt)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # a state of another shape
+            raise UserError(f"the checkpoint's optimizer, schedule, scaler or rng state does not fit this run "
+                            f"({type(e).__name__}: {str(e)[:120]})") from None
+
+    def _load_training_state(self, ckpt: dict) -> None:
         # this run's AdamW kernel (fused on CUDA) wins over the one the checkpoint was written with
         kernel = [{key: group[key] for key in ("foreach", "fused")} for group in self.optimizer.param_groups]
         saved = ckpt["optimizer"]
