@@ -305,7 +305,7 @@ def create_loader(
         raise DataError(f"num_workers={num_workers} is more than the {MAIN_PROCESS_ROW} this loader counts errors for")
     if train:
         if shard_set.num_samples is None:
-            raise DataError(f"the number of samples in {source!r} is unknown; pass num_samples=")
+            raise DataError(_unknown_count(source))
         per_rank = shard_set.num_samples // (world_size * batch_size)
         if per_rank == 0:
             raise DataError(f"{shard_set.num_samples} samples give no full batch of {batch_size} on {world_size} ranks")
@@ -316,7 +316,7 @@ def create_loader(
         batches = batches_per_worker * readers
     else:
         if shard_set.num_samples is None:
-            raise DataError(f"the number of samples in {source!r} is unknown; pass num_samples=")
+            raise DataError(_unknown_count(source))
         batches_per_worker = None
         batches = _eval_batches(shard_set, batch_size, rank, world_size, readers)
     if verify and shard_set.sha256 is None:
@@ -335,3 +335,8 @@ def create_loader(
     else:
         decode_device = None
     return ShardLoader(stream, shard_set, num_workers, pin_memory, batches, decode_device)
+
+
+def _unknown_count(source) -> str:
+    return (f"the number of samples in {source!r} is unknown: name a shard directory whose _info.json records it (a "
+            "local folder written by `mae-timm shards`, or an http(s) URL of one ending in '/'), or pass num_samples=")

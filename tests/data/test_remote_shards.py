@@ -199,3 +199,9 @@ def test_a_process_group_sigterm_while_workers_start_kills_none(shards, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     got, expected, stopped = map(int, done.stdout.split())
     assert got == expected and stopped >= 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_remote_folder_without_its_trailing_slash_says_how_to_name_it(train):
+    with pytest.raises(DataError, match=r"unknown: name a shard directory .* an http\(s\) URL of one ending in '/'"):
+        create_loader("http://127.0.0.1:9/shards", "train", 4, train=train, img_size=32, num_workers=0)
