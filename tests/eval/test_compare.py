@@ -86,6 +86,10 @@ def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards,
     assert reads == ["validation"]
     assert json.loads((out / "compare.json").read_text())["arms"]["mae"]["knn"]["per_seed"] == \
         result["arms"]["mae"]["knn"]["per_seed"]
+    # other settings would silently reuse choices made under the old ones: refused before any work
+    reads.clear()
+    assert _compare(shards, out, "--probe-epochs", "3") == 2
+    assert reads == [] and json.loads((out / "config.json").read_text())["probe_epochs"] == "2"
 
 
 def test_the_sealed_test_split_refuses_to_be_read_early():
