@@ -24,7 +24,7 @@ from mae_timm.data.shards import read_info
 from mae_timm.engine.checkpoint import list_checkpoints, load_model
 from mae_timm.engine.eval import holdout as ho
 from mae_timm.engine.eval.common import normalizer
-from mae_timm.engine.eval.compare_config import BUILTIN_ARMS, CompareConfig, _ints, check_same_settings
+from mae_timm.engine.eval.compare_config import BUILTIN_ARMS, CompareConfig, check_same_settings, split_ints
 from mae_timm.engine.eval.finetune import FinetuneConfig
 from mae_timm.engine.eval.knn import KnnConfig, knn_on_features
 from mae_timm.engine.train.config import PretrainConfig
@@ -189,17 +189,17 @@ def run_arm_seed(ctx: _Context, arm: str, seed: int, flops: dict) -> dict:
         record["curve"] = _curve(ctx, folder, train, norm)
     wall, cpu = time.perf_counter(), _cpu_seconds()
     depth = 1 if base == "raw_pixels" else len(mae_timm.create_timm_encoder(model).blocks)
-    blocks = sorted({min(b, depth) for b in _ints(cfg.feature_blocks)})
+    blocks = sorted({min(b, depth) for b in split_ints(cfg.feature_blocks)})
     variants = [("pixels", False)] if base == "raw_pixels" else _variants(cfg, model)
     features = ho.block_features(None if base == "raw_pixels" else model, train, variants, max(blocks), norm,
                                  ctx.device)  # fmt: skip
     tick = _Ticker(f"compare: {arm} seed {seed}:")
     tick("frozen features of the training split")
     args = (train.labels, ctx.bank, ctx.holdout, train.num_classes, blocks)
-    knn, knn_rows = ho.choose_knn(features, *args, _ints(cfg.knn_k), ctx.device)
+    knn, knn_rows = ho.choose_knn(features, *args, split_ints(cfg.knn_k), ctx.device)
     tick(f"kNN choices on the hold-out ({len(knn_rows)} settings)")
     probe, probe_rows = ho.choose_linprobe(features, *args, [float(v) for v in cfg.probe_blr.split(",")],
-                                           _ints(cfg.probe_epochs), seed, ctx.device)  # fmt: skip
+                                           split_ints(cfg.probe_epochs), seed, ctx.device)  # fmt: skip
     tick(f"linear-probe choices on the hold-out ({len(probe_rows)} settings)")
     record.update(knn=knn, linprobe=probe, knn_holdout=knn_rows, linprobe_holdout=probe_rows)
     cache = {name: ho.select_features(features, tuple(c["variant"]), c["blocks"])[ctx.bank].clone()

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from mae_timm.utils import UserError
 
-__all__ = ["BUILTIN_ARMS", "CompareConfig", "check_same_settings"]
+__all__ = ["BUILTIN_ARMS", "CompareConfig", "check_same_settings", "split_ints"]
 
 # arm -> registered pretext model; scratch is the mae architecture at random init, raw_pixels the input itself
 BUILTIN_ARMS = {"mae": "mae_vit_tiny_patch8_64", "early_mask": "mae_vit_tiny_early_mask", "apl": "apl_vit_tiny_64",
                 "scratch": "mae_vit_tiny_patch8_64", "raw_pixels": None}
 
 
-def _ints(text: str) -> list[int]:
+def split_ints(text: str) -> list[int]:
     return [int(v) for v in str(text).split(",") if v.strip()]
 
 
@@ -68,7 +68,7 @@ class CompareConfig:
             raise UserError(f"updates, seeds and holdout must be >= 1 and finetune_epochs >= 0, got {self.updates}, "
                             f"{self.seeds}, {self.holdout}, {self.finetune_epochs}")
         for name in ("knn_k", "feature_blocks", "probe_epochs"):
-            values = _ints(getattr(self, name))
+            values = split_ints(getattr(self, name))
             if not values or min(values) < 1:
                 raise UserError(f"{name} must be comma-separated integers >= 1, got {getattr(self, name)!r}")
         if not set(self.pools.split(",")) <= {"avg", "token"}:

@@ -92,7 +92,7 @@ def data_identity(data: str | None, split: str, synthetic: bool, synthetic_sampl
     return f"shards:{data}:{split}"
 
 
-# what a resume reads besides the model (load_model checks the model's keys)
+# what a resume reads from a checkpoint (load_weights then checks the model's own keys)
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "data_position", "step")
 
 
@@ -127,9 +127,9 @@ def check_resumable(ckpt: dict, path: Path, model_name: str, updates_per_epoch: 
             f"checkpoint {path} was made with {', '.join(differ)}: resume with the same batch size, accum steps and "
             "process count (the global batch and data order depend on them), or start a new --out"
         )
-    if ckpt["data_position"]["updates_per_epoch"] != updates_per_epoch:
+    if position["updates_per_epoch"] != updates_per_epoch:
         raise UserError(
-            f"checkpoint {path} has {ckpt['data_position']['updates_per_epoch']} updates per epoch, this run "
+            f"checkpoint {path} has {position['updates_per_epoch']} updates per epoch, this run "
             f"{updates_per_epoch}: resume with the same data, batch size, accum steps and process count"
         )
 
