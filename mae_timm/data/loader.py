@@ -89,6 +89,15 @@ def ignore_stop_signals(closing: torch.Tensor, worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def _shut_down(iterator: Iterator) -> None:
+    """End a DataLoader iterator's workers now. An error raised out of the iteration keeps the iterator alive in its
+    traceback; once the garbage collector reaches that cycle it may close the iterator's queues before torch's own
+    ``__del__`` sends the workers their stop, and that shutdown then waits 5 s per worker before killing it."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # the multiprocess iterator's; none with num_workers=0
+    if shutdown is not None:
+        shutdown()
+
+
 def _dead_worker(exn: RuntimeError) -> bool:
     """Whether a DataLoader error says that a worker process died (killed by a signal, or exited)."""
     text = str(exn)
@@ -170,7 +179,7 @@ class ShardLoader:
         start_counts = self.stream.errors[:MAIN_PROCESS_ROW].clone()
         yielded, restarts = 0, 0
         while True:
-            iterator = self._start(closing)
+            iterator, restart = self._start(closing), False
             try:
                 for batch in itertools.islice(iterator, yielded, None):
                     yielded += 1
@@ -186,7 +195,11 @@ class ShardLoader:
                 _logger.warning("epoch %d: %s; restarting the workers at batch %d (restart %d of %d)",
                                 self.stream.epoch, str(exn).splitlines()[0], yielded, restarts, MAX_WORKER_RESTARTS)
                 self.stream.errors[:MAIN_PROCESS_ROW] = start_counts  # the replay counts the epoch's skips again
+                restart = True
             finally:
+                if not restart:  # ended, failed or closed: end the workers now, and let SIGTERM end them again
+                    closing.fill_(1)
+                    _shut_down(iterator)
                 del iterator
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -201,8 +214,7 @@ class ShardLoader:
                 raise
             # raised in a worker: the message holds the worker's traceback, its last line the error's own
             raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
-        finally:  # ended, failed or abandoned (closed): the DataLoader may now terminate the workers
-            closing.fill_(1)
+        finally:  # ended, failed or abandoned: _batches ends the workers (and sets closing)
             _OPEN_ITERATIONS.discard(closing)
             batches.close()
         errors = self.errors

@@ -144,7 +144,8 @@ def test_max_member_mb_must_be_finite(fake, tmp_path, value, capsys):
     assert code == 2 and "--max-member-mb" in capsys.readouterr().err
 
 
-def test_cut_short_download_is_never_kept(fake, tmp_path):
+def test_cut_short_download_is_never_kept(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
     (tmp_path / "srv").mkdir()
     (tmp_path / "srv" / "tiny.zip").write_bytes(fake.path.read_bytes())
     with FileServer(tmp_path / "srv") as server:
@@ -157,7 +158,8 @@ def test_cut_short_download_is_never_kept(fake, tmp_path):
     assert got.read_bytes() == fake.path.read_bytes()
 
 
-def test_a_server_that_never_answers_is_an_error_in_bounded_time(tmp_path):
+def test_a_server_that_never_answers_is_an_error_in_bounded_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
     with FileServer(tmp_path) as server:
         server.faults["x.zip"] = Fault("stall")
         start = time.monotonic()

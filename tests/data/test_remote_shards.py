@@ -42,7 +42,7 @@ def server(shards):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(remote, "TIMEOUT_S", 1.0)
+    monkeypatch.setattr(remote, "TIMEOUT_S", 0.25)  # a local read takes milliseconds, and a late one is retried
     monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
 
 
