@@ -26,6 +26,8 @@ if [ "$task" = test ]; then
       || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
       || echo "dev.sh: could not install dataset-fashion-mnist; its real-data tests will be skipped" >&2
   fi
-  exec python -m pytest "$@"
+  # one test file per worker (module fixtures are built once), one worker per core, at most 4: the tests run torch
+  # on one thread; pass -n 0 to run in this process (a debugger, or one test)
+  exec python -m pytest -n auto --maxprocesses 4 --dist loadfile "$@"
 fi
 exec mae-timm demo "$@"
