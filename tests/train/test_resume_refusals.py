@@ -1,6 +1,6 @@
 """A checkpoint that cannot continue a run is refused in one line before any update: keys a resume reads are
-missing, its step is not a count, or its AdamW moments hold NaN (which would make the next checkpoint the one
-blamed)."""
+missing, its step is not a count, or its weights or AdamW moments hold NaN (the first update would be NaN, and the
+error would blame it)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def _nan_moment(ckpt):
     next(iter(ckpt["optimizer"]["state"].values()))["exp_avg"].fill_(float("nan"))
 
 
+def _nan_weight(ckpt):
+    name = next(name for name, value in ckpt["model"].items() if value.is_floating_point())
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))  # a copy: the fixture stays whole
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -32,6 +37,7 @@ def _nan_moment(ckpt):
         (lambda c: c.update(step="abc"), r"its step 'abc' is not a count of updates"),
         (lambda c: c["data_position"].pop("updates_per_epoch"), r"cannot be resumed: it lacks data_position"),
         (_nan_moment, r"NaN or inf \(optimizer moment exp_avg of parameter 0\); it cannot be resumed"),
+        (_nan_weight, r"NaN or inf \(cls_token\); it cannot be resumed"),
         (lambda c: c["optimizer"].update(param_groups=[]), r"scaler or rng state does not fit this run"),
     ],
 )

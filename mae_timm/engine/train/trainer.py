@@ -88,15 +88,15 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict) -> None:
         """Restore what :meth:`state_dict` wrote (the checkpoint was checked by ``resume.check_resumable``)."""
-        load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one line, not 75
-        # NaN in the AdamW moments makes the first update NaN, and the error would then blame the next checkpoint
+        # NaN in the weights or the AdamW moments makes the first update NaN, and the error would then blame it
         states = ckpt["optimizer"].get("state", {}).items()
         moments = {f"optimizer moment {k} of parameter {i}": v for i, state in states for k, v in state.items()
                    if torch.is_tensor(v)}  # fmt: skip
-        bad = first_non_finite(moments)
+        bad = first_non_finite({**ckpt["model"], **moments})
         if bad:
             raise UserError(f"the checkpoint holds NaN or inf ({bad}); it cannot be resumed: resume from an earlier "
                             "checkpoint (--resume PATH) or start a new --out")
+        load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one line, not 75
         try:
             self._load_training_state(ckpt)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # a state of another shape
