@@ -148,7 +148,7 @@ class Report:
             rows = self.throughput_rows(section)
             if rows:
                 parts.append(f"## {section.capitalize()}\n\n" + render(
-                    rows, peak, self.settings.throughput, self.peaks.get("datasheet_tflops")))
+                    rows, peak, asdict(self.settings.throughput), self.peaks.get("datasheet_tflops")))
         for e in self.rows:
             if e["status"] == "ok" and isinstance(e["result"], dict) and "markdown" in e["result"]:
                 parts.append(f"## {e['name'].capitalize()}\n\n{e['result']['markdown']}")

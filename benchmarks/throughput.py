@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     run = describe_run(device)
     for key in args.config or configs:
         rows = run_config(configs[key], settings, device, peak, official, datasheet)
-        markdown = render(rows, peak, settings, datasheet)
+        markdown = render(rows, peak, asdict(settings), datasheet)
         print(markdown)
         if args.out is not None:
             results = {"settings": asdict(settings), "matmul_peak_tflops": peak, "datasheet_peak_tflops": datasheet,

@@ -3,12 +3,7 @@ tables, each mae_timm row over each peer in the same config and mode, and the ro
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from benchmarks.common import markdown_table
-
-if TYPE_CHECKING:  # the settings come from benchmarks.throughput, which imports this module
-    from benchmarks.throughput import BenchSettings
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -25,16 +20,17 @@ def peer_ratio(row: dict, rows: list[dict], peer: str, phase: str) -> float | No
     return None
 
 
-def render(rows: list[dict], peak: float, settings: BenchSettings, datasheet: float | None = None) -> str:
+def render(rows: list[dict], peak: float, settings: dict, datasheet: float | None = None) -> str:
     """Markdown: the matmul peaks, then training and inference tables (each mae_timm row over each peer in the same
-    mode; 'missing' where that peer row is missing), then the rows that failed or were not run."""
+    mode; 'missing' where that peer row is missing), then the rows that failed or were not run. ``settings``: the
+    run's ``benchmarks.throughput.BenchSettings`` as a dict (as its results file holds them)."""
     sheet = "unknown for this device" if datasheet is None else f"{datasheet:.4g} TFLOP/s"
     lines = [
-        f"{settings.dtype} matmul peak ({settings.matmul_size}^3, >= {settings.matmul_seconds:g} s, same run): "
-        f"{peak:.3g} TFLOP/s; datasheet dense peak: {sheet}. {settings.warmup} warm-up steps per row alone, then "
-        f"{settings.steps} timed steps interleaved with the other implementations of the same config and mode in "
-        f"{settings.rounds} rounds (median round); mask ratio {settings.mask_ratio}; random input (one batch, on the "
-        "device); norm-pix loss; fused AdamW.",
+        f"{settings['dtype']} matmul peak ({settings['matmul_size']}^3, >= {settings['matmul_seconds']:g} s, same "
+        f"run): {peak:.3g} TFLOP/s; datasheet dense peak: {sheet}. {settings['warmup']} warm-up steps per row "
+        f"alone, then {settings['steps']} timed steps interleaved with the other implementations of the same config "
+        f"and mode in {settings['rounds']} rounds (median round); mask ratio {settings['mask_ratio']}; random input "
+        "(one batch, on the device); norm-pix loss; fused AdamW.",
     ]
     header = ["config", "implementation", "mode", "batch", "img/s", "vs official", "vs HF", "ms/step", "GFLOP/img",
               "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)", "peak mem (GiB)", "first loss", "warm-up (s)"]
