@@ -68,7 +68,7 @@ def test_bytes_path_decodes_like_pil(jpegs, img_size, crop_pct):
     assert images.shape == (len(names), 3, img_size, img_size) and images.dtype == torch.uint8
     assert kept == list(range(len(names))) and failed == {}
     for name, image in zip(names, images):
-        pil = torch.from_numpy(decode_resized({"jpg": jpegs[name]}, img_size, crop_pct, "pil")[0]).permute(2, 0, 1)
+        pil = torch.tensor(decode_resized({"jpg": jpegs[name]}, img_size, crop_pct, "pil")[0]).permute(2, 0, 1)
         difference = (image.int() - pil.int()).abs()
         if Image.open(io.BytesIO(jpegs[name])).size == (img_size, img_size) and crop_pct == 1.0:
             assert difference.max() == 0, name  # no resize: the decoders agree exactly
