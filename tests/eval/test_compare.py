@@ -70,6 +70,12 @@ def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards,
             assert len(row["per_seed"]) == 2 and row["mean"] == pytest.approx(np.mean(row["per_seed"]))
             assert row["std"] is not None and len(row["holdout_choices"]) == 2
     assert "finetune" not in result["arms"]["raw_pixels"]
+    # the curve's baselines are measured as the curve is (hold-out queries, the same bank), not taken from the test
+    bank = result["data"]["splits"]["train"] - 9  # the training images less the hold-out
+    for arm, updates in (("raw_pixels", [0]), ("scratch", [0]), ("mae", [1, 2])):
+        for run in result["curves"][arm]:
+            assert [p["updates"] for p in run] == updates and {p["bank"] for p in run} == {bank}
+    assert (out / "accuracy_vs_updates.png").is_file()
     knn_choice = result["arms"]["raw_pixels"]["knn"]["holdout_choices"][0]
     assert {"k", "standardize", "blocks", "variant"} <= set(knn_choice)
     assert {v["verdict"].split()[-1] for v in result["verdicts"]} <= {"level", "wins"}

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import mae_timm
 from mae_timm.data.shards import read_info
@@ -185,8 +186,7 @@ def run_arm_seed(ctx: _Context, arm: str, seed: int, flops: dict) -> dict:
         seed_everything(seed)
         model, _ = build_model(pcfg)
     norm = normalizer(model, ctx.device)
-    if updates:
-        record["curve"] = _curve(ctx, folder, train, norm)
+    record["curve"] = _curve(ctx, folder, train, norm, None if base == "raw_pixels" else model)
     wall, cpu = time.perf_counter(), _cpu_seconds()
     depth = 1 if base == "raw_pixels" else len(mae_timm.create_timm_encoder(model).blocks)
     blocks = sorted({min(b, depth) for b in split_ints(cfg.feature_blocks)})
@@ -250,19 +250,25 @@ def _finetune_config(cfg: CompareConfig, seed: int, tune: int | None) -> Finetun
                           warmup_epochs=min(5, cfg.finetune_epochs - 1), seed=seed, tune_last_blocks=tune)
 
 
-def _curve(ctx: _Context, folder: Path, train: ho.Images, norm) -> list[dict]:
-    """kNN (avg pool, last block, k=20) on the hold-out at each kept checkpoint, bank: ``curve_bank`` images."""
-    points = []
+def _curve(ctx: _Context, folder: Path, train: ho.Images, norm, model: nn.Module | None) -> list[dict]:
+    """kNN (avg pool, last block, k=20) on the hold-out at each kept checkpoint, bank: ``curve_bank`` images. An arm
+    that does not pretrain (``model``: its random init, or None for raw pixels) gets one point at update 0, measured
+    alike, so the figure sets the curve beside baselines on the same queries and bank."""
     bank, queries = ctx.bank[: ctx.cfg.curve_bank], ctx.holdout
     subset = train.subset(torch.cat([bank, queries]))  # features of these images only
-    for path in list_checkpoints(folder):
-        model, ckpt = load_model(path)
-        x = ho.block_features(model, subset, [("avg", True)], 1, norm, ctx.device)[("avg", True)][:, -1]
+
+    def knn_top1(model: nn.Module | None) -> float:
+        variant = ("pixels", False) if model is None else ("avg", True)
+        x = ho.block_features(model, subset, [variant], 1, norm, ctx.device)[variant][:, -1]
         y = subset.labels
-        result = knn_on_features(x[: len(bank)], y[: len(bank)], x[len(bank):], y[len(bank):], train.num_classes,
-                                 KnnConfig(), ctx.device)  # fmt: skip
-        points.append(dict(updates=ckpt["step"], knn_top1=result["top1"]))
-    return points
+        return knn_on_features(x[: len(bank)], y[: len(bank)], x[len(bank):], y[len(bank):], train.num_classes,
+                               KnnConfig(), ctx.device)["top1"]  # fmt: skip
+
+    checkpoints = list_checkpoints(folder)
+    if not checkpoints:
+        return [dict(updates=0, knn_top1=knn_top1(model), bank=len(bank))]
+    return [dict(updates=ckpt["step"], knn_top1=knn_top1(loaded), bank=len(bank))
+            for loaded, ckpt in (load_model(path) for path in checkpoints)]
 
 
 def test_arm_seed(ctx: _Context, test: ho.SealedSplit, arm: str, seed: int) -> dict:

@@ -128,7 +128,7 @@ def write_report(cfg, info: dict, flops: dict, choices: dict, results: dict, *, 
     payload["machine"].update(_versions())
     with atomic_write(out / "compare.json", "w") as f:
         f.write(json.dumps(payload, indent=2, default=str) + "\n")
-    figure = _figure(out, arms, table, payload["curves"])
+    figure = _figure(out, arms, payload["curves"])
     markdown = render(payload, figure)
     with atomic_write(out / "compare.md", "w") as f:
         f.write(markdown)
@@ -150,23 +150,25 @@ def _versions() -> dict:
     return dict(timm=timm.__version__, mae_timm=mae_timm.__version__)
 
 
-def _figure(out: Path, arms: list[str], table: dict, curves: dict) -> Path | None:
-    points = {}
+def _figure(out: Path, arms: list[str], curves: dict) -> Path | None:
+    """Each pretrained arm's hold-out kNN against updates; an arm that does not pretrain (one point at update 0) is
+    a dashed line measured alike (the same queries, bank and k), never a test figure."""
+    points, baselines, banks = {}, {}, set()
     for arm in arms:
-        runs = [c for c in curves[arm] if c]
-        if not runs:
-            continue
         by_updates: dict[int, list[float]] = {}
-        for run in runs:
+        for run in curves[arm]:
             for p in run:
                 by_updates.setdefault(p["updates"], []).append(p["knn_top1"])
-        points[f"{arm} kNN (hold-out, mean of seeds)"] = [(u, statistics.mean(v)) for u, v in by_updates.items()]
+                banks.add(p.get("bank"))
+        if list(by_updates) == [0]:
+            baselines[f"{arm} kNN (hold-out, mean of seeds)"] = statistics.mean(by_updates[0])
+        elif by_updates:
+            points[f"{arm} kNN (hold-out, mean of seeds)"] = [(u, statistics.mean(v)) for u, v in by_updates.items()]
     if not points:
         return None
-    baselines = {f"{arm} {LABELS[p]} (test, mean)": table[arm][p]["mean"] for arm in ("raw_pixels", "scratch")
-                 if arm in table for p in ("knn", "linprobe") if p in table[arm]}  # fmt: skip
-    return save_accuracy_curve(points, out / "accuracy_vs_updates.png",
-                               "kNN top-1 on the hold-out vs pretraining updates (dashed: test baselines)", baselines)
+    bank = f"{banks.pop()} training images" if len(banks) == 1 and None not in banks else "training images"
+    return save_accuracy_curve(points, out / "accuracy_vs_updates.png", f"kNN top-1 on the hold-out vs pretraining "
+                               f"updates\n(bank: {bank}; dashed: arms without pretraining)", baselines)
 
 
 def render(payload: dict, figure: Path | None) -> str:
