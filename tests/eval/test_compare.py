@@ -143,3 +143,55 @@ def test_knn_standardisation_uses_train_statistics():
     plain = knn_on_features(*args, KnnConfig(k=5, report_k=(5,)), "cpu")["top1"]
     standard = knn_on_features(*args, KnnConfig(k=5, report_k=(5,), standardize=True), "cpu")["top1"]
     assert standard == 100.0 and plain < 90
+
+
+def test_flat_pooling_keeps_every_patch_token_in_grid_order():
+    import timm
+
+    from mae_timm import create_timm_encoder
+    from mae_timm.engine.eval.common import normalizer
+
+    model = timm.create_model("mae_vit_test").eval()  # 32 px, 8 px patches: 16 tokens of width 32, 2 blocks
+    g = torch.Generator().manual_seed(0)
+    images = holdout.Images(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(3), 3)
+    variants = [("flat", False), ("avg", False), ("flat", True), ("token", True), ("avg", True)]
+    cpu = torch.device("cpu")
+    norm = normalizer(model, cpu)
+    got = holdout.block_features(model, images, variants, 2, norm, cpu)
+    encoder = create_timm_encoder(model, fc_norm=False).eval()
+    with torch.no_grad():
+        outs = encoder.forward_intermediates(norm(images.images), indices=2, norm=False, output_fmt="NLC",
+                                             intermediates_only=True, return_prefix_tokens=True)  # fmt: skip
+    for b, (patches, prefix) in enumerate(outs):  # (3, 16, 32), (3, 1, 32)
+        normed = encoder.norm(torch.cat([prefix, patches], 1))
+        assert torch.allclose(got[("flat", False)][:, b], patches.flatten(1), atol=1e-6)
+        assert torch.allclose(got[("flat", True)][:, b], normed[:, 1:].flatten(1), atol=1e-6)
+        assert torch.allclose(got[("token", True)][:, b], normed[:, 0], atol=1e-6)
+        assert torch.allclose(got[("avg", False)][:, b], patches.mean(1), atol=1e-6)
+    assert got[("flat", False)].shape == (3, 2, 16 * 32) and got[("avg", True)].shape == (3, 2, 32)
+
+
+@pytest.mark.parametrize(("pools", "variants"), [
+    ("avg,token", [("avg", True), ("token", True), ("avg", False)]),
+    ("avg,token,flat", [("avg", True), ("token", True), ("flat", True), ("avg", False), ("flat", False)]),
+    ("flat", [("flat", True), ("avg", False), ("flat", False)]),
+])
+def test_feature_candidates_of_each_pooling(pools, variants):
+    import timm
+
+    cfg = compare.CompareConfig(data="x", pools=pools)
+    assert compare._variants(cfg, timm.create_model("mae_vit_test")) == variants
+    with pytest.raises(compare.UserError, match="pools must be among avg, token and flat"):
+        compare.CompareConfig(data="x", pools="avg,max")
+
+
+def test_a_split_decodes_in_an_order_set_by_its_images_alone(tmp_path):
+    """The hold-out is a draw over positions: they may not move with the loader's workers or the sharding."""
+    _imagefolder(tmp_path / "images", dict(train=12, validation=4))
+    for shards in (1, 4):
+        assert main(["shards", "imagefolder", "--src", str(tmp_path / "images"), "--out", str(tmp_path / f"s{shards}"),
+                     "--quiet", "--min-shards", str(shards)]) == 0
+    one = holdout.load_split(str(tmp_path / "s1"), "train", 16, 3, 0)
+    for shards, workers in ((4, 0), (4, 2), (1, 2)):
+        other = holdout.load_split(str(tmp_path / f"s{shards}"), "train", 16, 3, workers)
+        assert torch.equal(other.images, one.images) and torch.equal(other.labels, one.labels), (shards, workers)

@@ -241,8 +241,10 @@ class _Ticker:
 
 def _variants(cfg: CompareConfig, model) -> list:
     has_token = bool(getattr(model, "cls_token", None) is not None)
-    pools = [p for p in cfg.pools.split(",") if p == "avg" or has_token]
-    return [(pool, True) for pool in pools] + [("avg", False)]
+    pools = [p for p in cfg.pools.split(",") if p != "token" or has_token]
+    # each pooling after the final norm; the patch-token poolings also before it (the class token is read after it)
+    before_norm = [pool for pool in dict.fromkeys(["avg", *pools]) if pool != "token"]
+    return [(pool, True) for pool in pools] + [(pool, False) for pool in before_norm]
 
 
 def _finetune_config(cfg: CompareConfig, seed: int, tune: int | None) -> FinetuneConfig:

@@ -48,7 +48,9 @@ class CompareConfig:
     curve_bank: int = 10000  # bank images for those curve points (a subset: the curve is a trend, not a result)
     knn_k: str = "10,20,50,100"  # kNN k candidates (chosen on the hold-out)
     feature_blocks: str = "1,2,4"  # last-N-blocks candidates for the frozen features (capped at the depth)
-    pools: str = "avg,token"  # pooling candidates: avg (patch tokens), token (class token, where there is one)
+    # pooling candidates: avg (mean of the patch tokens), token (class token, where there is one), flat (the patch
+    # tokens in grid order, spatial layout kept: patches x width features)
+    pools: str = "avg,token"
     probe_blr: str = "1.0,0.1,3.0"  # linear-probe base lr candidates (lr = blr * 1024 / 256)
     probe_epochs: str = "30,10"  # linear-probe epoch candidates
     finetune_epochs: int = 2  # fine-tune epochs; the best epoch on the hold-out is kept
@@ -71,8 +73,8 @@ class CompareConfig:
             values = split_ints(getattr(self, name))
             if not values or min(values) < 1:
                 raise UserError(f"{name} must be comma-separated integers >= 1, got {getattr(self, name)!r}")
-        if not set(self.pools.split(",")) <= {"avg", "token"}:
-            raise UserError(f"pools must be avg and / or token, got {self.pools!r}")
+        if not set(self.pools.split(",")) <= {"avg", "token", "flat"}:
+            raise UserError(f"pools must be among avg, token and flat, got {self.pools!r}")
         for arm in self.arm_names():
             base = arm.split("@")[0]
             if base not in BUILTIN_ARMS and ":" not in base or arm.endswith("@") or "@" in arm and not arm.endswith(

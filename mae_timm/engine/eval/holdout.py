@@ -10,6 +10,7 @@ every candidate pooling, with and without the final norm, for the last ``max(blo
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,14 +45,19 @@ class Images:
 
 
 def load_split(data: str, split: str, img_size: int, in_chans: int, num_workers: int) -> Images:
-    """Decode a labelled split of a shard directory into memory (the whole image resized to ``img_size``)."""
+    """Decode a labelled split of a shard directory into memory (the whole image resized to ``img_size``), in an
+    order set by the images and labels alone: the loader's order depends on its number of workers (they take turns
+    by batch) and on the sharding, and the hold-out is a draw over positions in this order."""
     loader = create_loader(data, split, 512, train=False, img_size=img_size, in_chans=in_chans,
                            num_workers=num_workers, crop_pct=1.0)  # fmt: skip
     batches = list(progress(loader, f"decoding {split}"))
-    labels = torch.cat([b[1] for b in batches])
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     if (labels < 0).any():
         raise mae_timm.utils.UserError(f"the {split} split of {data} holds unlabelled samples; compare needs labels")
-    return Images(torch.cat([b[0] for b in batches]), labels, loader.num_classes or int(labels.max()) + 1)
+    digests = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16, salt=int(label).to_bytes(8, "little")).digest()
+               for image, label in zip(images, labels)]  # fmt: skip
+    order = torch.tensor(sorted(range(len(digests)), key=digests.__getitem__), dtype=torch.long)
+    return Images(images[order], labels[order], loader.num_classes or int(labels.max()) + 1)
 
 
 class SealedSplit:
@@ -103,14 +109,17 @@ Variant = tuple[str, bool]
 @torch.no_grad()
 def block_features(model: nn.Module | None, split: Images, variants: list[Variant], blocks: int, norm: nn.Module,
                    device: torch.device, batch_size: int = 256) -> dict[Variant, torch.Tensor]:
-    """One pass: per variant, features (N, blocks, D) of the last ``blocks`` blocks (raw pixels: (N, 1, C*H*W))."""
+    """One pass: per variant, features (N, blocks, D) of the last ``blocks`` blocks (raw pixels: (N, 1, C*H*W)).
+    Poolings: ``avg`` (mean of the patch tokens), ``token`` (the class token), ``flat`` (the patch tokens one after
+    another in grid order, D = patches x width: the spatial layout kept, as raw pixels keep it)."""
     loader = MemoryLoader(split, batch_size, train=False)
     if model is None:
         pixels, _ = predict(lambda x: x.flatten(1), loader, norm, device)
         return {("pixels", False): pixels[:, None]}
     encoder = mae_timm.create_timm_encoder(model, fc_norm=False).eval().to(device)
+    widths = [encoder.embed_dim * (encoder.patch_embed.num_patches if pool == "flat" else 1) for pool, _ in variants]
 
-    def pooled(x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, variants * blocks * D)
+    def pooled(x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, sum over variants of blocks * width)
         outs = encoder.forward_intermediates(x, indices=blocks, norm=False, output_fmt="NLC", intermediates_only=True,
                                              return_prefix_tokens=True)  # fmt: skip
         per_variant = []
@@ -121,13 +130,14 @@ def block_features(model: nn.Module | None, split: Images, variants: list[Varian
                 tokens = torch.cat([prefix, patches], 1) if prefix is not None else patches
                 tokens = encoder.norm(tokens) if final_norm else tokens
                 start = 0 if prefix is None else prefix.shape[1]
-                vectors.append(tokens[:, 0] if pool == "token" else tokens[:, start:].mean(1))
-            per_variant.append(torch.stack(vectors, 1))  # (N, blocks, D)
-        return torch.cat(per_variant, 1).flatten(1)
+                vectors.append(tokens[:, 0] if pool == "token" else
+                               tokens[:, start:].flatten(1) if pool == "flat" else tokens[:, start:].mean(1))
+            per_variant.append(torch.cat(vectors, 1))  # (N, blocks * width)
+        return torch.cat(per_variant, 1)
 
     flat, _ = predict(pooled, progress(loader, "features"), norm, device)
-    flat = flat.view(len(split), len(variants), blocks, -1)
-    return {variant: flat[:, i] for i, variant in enumerate(variants)}
+    parts = flat.split([blocks * width for width in widths], dim=1)
+    return {variant: part.view(len(split), blocks, width) for variant, part, width in zip(variants, parts, widths)}
 
 
 def select_features(features: dict[Variant, torch.Tensor], variant: Variant, blocks: int) -> torch.Tensor:
