@@ -40,7 +40,7 @@ class DemoConfig:
     batch_size: int = 128  # pretraining images per update
     # the encoder of every arm: Fashion-MNIST's native 28 px, one channel (from the shards), 7-px patches (16 tokens)
     encoder: dict = field(default_factory=lambda: dict(img_size=28, patch_size=7, embed_dim=192, depth=4,
-                                                       num_heads=6))  # fmt: skip
+                                                       num_heads=6))
     # MAE decoder options (decoder_embed_dim, decoder_depth, decoder_num_heads) for the demo's model
     decoder: dict = field(default_factory=lambda: dict(decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=4))
     blr: float = 1.5e-3  # 10x the paper's 1.5e-4: a run of a few hundred updates has to move fast
@@ -55,7 +55,7 @@ class DemoConfig:
     def __post_init__(self):  # refused before any work
         check_settings(self, dict(steps=at_least(1), seeds=at_least(1), batch_size=at_least(2), holdout=at_least(1),
                                   finetune_epochs=at_least(1), probe_epochs=at_least(2), blr=above(0),
-                                  mask_ratio=fraction(), num_workers=at_least(0)))  # fmt: skip
+                                  mask_ratio=fraction(), num_workers=at_least(0)))
 
 
 def compare_config(cfg: DemoConfig, run_dir: Path) -> CompareConfig:
@@ -67,7 +67,7 @@ def compare_config(cfg: DemoConfig, run_dir: Path) -> CompareConfig:
         curve_points=3, knn_k="10,20,50", feature_blocks="1,4", pools="avg", probe_blr="1.0,0.1",
         probe_epochs=str(cfg.probe_epochs), finetune_epochs=cfg.finetune_epochs, finetune_batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, device=cfg.device, keep_features=False,
-    )  # fmt: skip
+    )
 
 
 @torch.no_grad()
@@ -115,7 +115,7 @@ def _verdicts(payload: dict) -> list[str]:
         lines.append(f"{LABELS[v['protocol']]}: MAE {a['mean']:.1f} vs {v['b']} {b['mean']:.1f} % "
                      f"(mean of {len(a['per_seed'])} seeds; paired difference {v['diff']:+.1f}, 95 % interval "
                      + (f"[{v['low']:+.1f}, {v['high']:+.1f}]" if v["low"] is not None else "none") +
-                     f"): {v['verdict']}")  # fmt: skip
+                     f"): {v['verdict']}")
     return lines
 
 
@@ -142,15 +142,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     from mae_timm.data import create_loader
 
     loader = create_loader(str(run_dir / "shards"), "validation", 6, train=False, img_size=model.input_size(),
-                           in_chans=model.input_channels(), num_workers=0, crop_pct=1.0)  # fmt: skip
+                           in_chans=model.input_channels(), num_workers=0, crop_pct=1.0)
     imgs = GpuAugment(mean, std)(next(iter(loader))[0])
     figures = dict(
         reconstruction=save_true_stats_reconstruction(model, imgs, run_dir / "reconstruction.png", cfg.mask_ratio, 0,
-                                                      mean, std),  # fmt: skip
+                                                      mean, std),
         reconstruction_no_leak=save_reconstruction_grid(model, imgs, run_dir / "reconstruction_no_leak.png",
                                                         mask_ratio=cfg.mask_ratio, mean=mean, std=std),
         loss_curve=save_loss_curve(mae_dir / "metrics.jsonl", run_dir / "loss.png"),
-    )  # fmt: skip
+    )
     minutes = (time.perf_counter() - start) / 60
     lines = _verdicts(payload)
     summary = dict(verdicts=lines, minutes=round(minutes, 2), compare=str(run_dir / "compare.json"))

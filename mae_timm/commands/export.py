@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="timm: local-dir folder for timm.create_model / train.py (default); hf: transformers "
                              "ViTModel folder (features, ViTForImageClassification); hf-mae: transformers ViTMAE "
                              "folder (reconstruction); safetensors: the encoder state dict (default when --out ends "
-                             "in .safetensors)")  # fmt: skip
+                             "in .safetensors)")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="--format hf-mae: ViTMAE's fixed mask ratio")
 
 

@@ -127,7 +127,7 @@ def save_timm_folder(
     out_dir = Path(out_dir)
     with atomic_folder(out_dir, _TIMM_FILES) as tmp:
         save_for_hf(rgb, str(tmp), model_config=dict(mae_timm=record), model_args=dict(in_chans=3),
-                    safe_serialization=True)  # fmt: skip
+                    safe_serialization=True)
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         _check_same_outputs(rgb, loaded, out_dir)
         if rgb is not vit:
@@ -144,7 +144,7 @@ def export_timm_folder(
     with its model card (``run_config``: the checkpoint's pretraining config, for the card)."""
     vit = mae_timm.create_timm_encoder(model).cpu()
     card = ModelCard("timm", model, str(out_dir), source=source, run_config=run_config,
-                     gray_to_rgb=model.input_channels() == 1)  # fmt: skip
+                     gray_to_rgb=model.input_channels() == 1)
     return save_timm_folder(vit, out_dir, pretrained_cfg=vit.pretrained_cfg, source=source, card=card)
 
 
@@ -176,7 +176,7 @@ def save_finetuned(
     def save(vit: nn.Module, name: str, result: dict) -> Path:
         out = Path(out_dir) / name
         card = ModelCard("timm", model, str(out), num_classes=vit.num_classes, label_names=label_names,
-                         metrics=result, gray_to_rgb=model.input_channels() == 1)  # fmt: skip
+                         metrics=result, gray_to_rgb=model.input_channels() == 1)
         return save_timm_folder(vit, out, pretrained_cfg=cfg, metrics=result, card=card)
 
     saved = {"last": save(classifier, "last", metrics)}

@@ -199,7 +199,7 @@ class APLViT(PretextModel, nn.Module):
         self.norm = LayerNorm(dim)
         self.grad_checkpointing = False
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=self.patch_embed.patch_size[0])
-                             for i in range(depth)]  # fmt: skip
+                             for i in range(depth)]
         if head_type == "mlp":
             self.head = Mlp(dim, 3 * dim, self.num_positions, act_layer=nn.ReLU, drop=(head_drop_rate, 0.0))
         else:

@@ -202,7 +202,7 @@ def _check_keys(kwargs: dict, state: dict[str, torch.Tensor]) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshapen = [f"{k} {tuple(state[k].shape)} != {tuple(shape)}" for k, shape in expected.items()
-                 if k in state and state[k].shape != shape]  # fmt: skip
+                 if k in state and state[k].shape != shape]
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
         if keys:
             raise ValueError(f"the HF weights do not fit their config: {len(keys)} {what}: {_names(keys)}")
@@ -323,4 +323,4 @@ def hf_image_processor(model: nn.Module):
         do_resize=True, size={"height": height, "width": width}, resample=resample, do_rescale=True,
         rescale_factor=1 / 255, do_normalize=True, image_mean=list(cfg["mean"]), image_std=list(cfg["std"]),
         do_convert_rgb=model.patch_embed.proj.in_channels == 3,
-    )  # fmt: skip
+    )

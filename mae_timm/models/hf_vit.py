@@ -30,7 +30,7 @@ def _plain_block(block: nn.Module, eps: float) -> bool:
     return (all(isinstance(m, nn.Identity) for m in identities)
             and all(isinstance(n, nn.LayerNorm) and n.eps == eps for n in norms)
             and isinstance(act, nn.GELU) and act.approximate == "none"
-            and block.attn.qkv.bias is not None and block.mlp.fc1.bias is not None)  # fmt: skip
+            and block.attn.qkv.bias is not None and block.mlp.fc1.bias is not None)
 
 
 def hf_vit_unfit(vit: nn.Module) -> list[str]:
@@ -52,7 +52,7 @@ def hf_vit_unfit(vit: nn.Module) -> list[str]:
         "plain blocks (LayerNorm of one eps, GELU MLP, qkv bias; no LayerScale, qk-norm, SwiGLU or parallel blocks)":
         eps is not None and all(_plain_block(block, eps) for block in vit.blocks),
         "a linear head or none": isinstance(vit.head, (nn.Linear, nn.Identity)),
-    }  # fmt: skip
+    }
     return [name for name, ok in layout.items() if not ok]
 
 
@@ -75,7 +75,7 @@ def timm_vit_to_hf(vit: VisionTransformer, label_names: list[str] | None = None)
         num_channels=vit.patch_embed.proj.in_channels, qkv_bias=True, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, pooler_act="linear", pooler_output_size=vit.embed_dim,
         id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)},
-    )  # fmt: skip
+    )
     if vit.num_classes:
         config.architectures = ["ViTForImageClassification"]
         hf_model = transformers.ViTForImageClassification(config)

@@ -54,7 +54,7 @@ def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards,
     def recording(data, split, *args):
         if split == "validation":  # the test split: every arm-seed's choices are on disk by now
             missing = [(a, s) for a in ARMS for s in (0, 1) if not (out / "runs" / a / f"seed{s}" / "choices.json")
-                       .is_file()]  # fmt: skip
+                       .is_file()]
             assert not missing, f"the test split was read before the choices of {missing}"
         reads.append(split)
         return load(data, split, *args)
@@ -161,7 +161,7 @@ def test_flat_pooling_keeps_every_patch_token_in_grid_order():
     encoder = create_timm_encoder(model, fc_norm=False).eval()
     with torch.no_grad():
         outs = encoder.forward_intermediates(norm(images.images), indices=2, norm=False, output_fmt="NLC",
-                                             intermediates_only=True, return_prefix_tokens=True)  # fmt: skip
+                                             intermediates_only=True, return_prefix_tokens=True)
     for b, (patches, prefix) in enumerate(outs):  # (3, 16, 32), (3, 1, 32)
         normed = encoder.norm(torch.cat([prefix, patches], 1))
         assert torch.allclose(got[("flat", False)][:, b], patches.flatten(1), atol=1e-6)

@@ -228,7 +228,7 @@ def test_unlabelled_samples_are_a_clear_error(protocol, split, separable):
     unlabelled = [(imgs, torch.full_like(labels, -1))]
     train, val = (unlabelled, val) if split == "train" else (train[:1], unlabelled)
     cfg = dict(knn=KnnConfig(), linprobe=LinprobeConfig(epochs=1, warmup_epochs=0),
-               finetune=FinetuneConfig(epochs=1, warmup_epochs=0, mixup=0.0))  # fmt: skip
+               finetune=FinetuneConfig(epochs=1, warmup_epochs=0, mixup=0.0))
     run = dict(knn=knn_evaluate, linprobe=linprobe_evaluate, finetune=finetune_evaluate)[protocol]
     with pytest.raises(ValueError, match="unlabelled samples"):
         run(timm.create_model("mae_vit_test"), train, val, 4, cfg[protocol], "cpu")
@@ -331,7 +331,7 @@ def test_short_finetune_of_a_random_init_beats_chance_and_plain_adamw():
     train, val = _fashion_mnist_sample(1280, 500, 64)
     plain = FinetuneConfig(epochs=2, batch_size=64, warmup_epochs=0, min_lr=1e-3 * 64 / 256, layer_decay=1.0,
                            drop_path_rate=0.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0, rand_augment=None,
-                           reprob=0.0, crop_scale_min=1.0, full_recipe_updates=1)  # fmt: skip
+                           reprob=0.0, crop_scale_min=1.0, full_recipe_updates=1)
     results = {}
     for name, cfg in (("recipe", FinetuneConfig(epochs=2, batch_size=64)), ("plain", plain)):
         torch.manual_seed(0)  # the same random init for both

@@ -132,7 +132,7 @@ def test_save_timm_folder_keeps_a_classifier_and_its_metrics(tmp_path):
     from mae_timm.engine.export import encoder_pretrained_cfg
 
     out = save_timm_folder(classifier, tmp_path / "ft", pretrained_cfg=encoder_pretrained_cfg(model, classifier),
-                           metrics=dict(top1=50.0))  # fmt: skip
+                           metrics=dict(top1=50.0))
     config = json.loads((out / "config.json").read_text())
     assert config["num_classes"] == 4 and config["mae_timm"]["metrics"] == {"top1": 50.0}
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -145,7 +145,7 @@ def test_export_command_prints_lines_that_work(tmp_path, capsys):
     torch.manual_seed(0)
     model = timm.create_model("apl_vit_test")
     state = dict(model=model.state_dict(), model_name="apl_vit_test", model_kwargs={}, step=3, epoch=1,
-                 optimizer={}, scheduler={}, scaler={}, rng={}, config={}, version=mae_timm.__version__)  # fmt: skip
+                 optimizer={}, scheduler={}, scaler={}, rng={}, config={}, version=mae_timm.__version__)
     path = save_checkpoint(state, checkpoint_path(tmp_path / "run", 3))
     out = tmp_path / "encoder"
     assert main(["export", "--checkpoint", str(path), "--out", str(out)]) == 0
@@ -162,7 +162,7 @@ def test_finetune_saves_its_classifier_with_the_metrics(tmp_path):
     model = timm.create_model("mae_vit_test")
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator),
-                torch.arange(8) % 4) for _ in range(2)]  # fmt: skip
+                torch.arange(8) % 4) for _ in range(2)]
     cfg = FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=8, mixup=0, cutmix=0, save_dir=str(tmp_path / "ft"))
     result = finetune_evaluate(model, batches, batches, 4, cfg, "cpu", log=lambda line: None)
     out = tmp_path / "ft" / "last"

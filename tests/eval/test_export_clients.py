@@ -35,7 +35,7 @@ def randomized(name: str, **kwargs) -> torch.nn.Module:
 def checkpoint(tmp_path: Path, name: str, config: dict | None = None, **kwargs) -> Path:
     model = randomized(name, **kwargs)
     state = dict(model=model.state_dict(), model_name=name, model_kwargs=kwargs, step=3, epoch=1, optimizer={},
-                 scheduler={}, scaler={}, rng={}, config=config or {}, version=mae_timm.__version__)  # fmt: skip
+                 scheduler={}, scaler={}, rng={}, config=config or {}, version=mae_timm.__version__)
     return save_checkpoint(state, checkpoint_path(tmp_path / "run", 3))
 
 
@@ -72,7 +72,7 @@ def test_hf_folder_is_a_plain_vit_with_timm_features(tmp_path, monkeypatch):
     model = randomized("mae_vit_test")
     out = export_hf_folder(model, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                      "preprocessor_config.json"]  # fmt: skip
+                                                      "preprocessor_config.json"]
     assert json.loads((out / "config.json").read_text())["architectures"] == ["ViTModel"]
     assert json.loads((out / "preprocessor_config.json").read_text())["do_convert_rgb"] is True
     x = torch.randn(2, 3, 32, 32)
@@ -96,7 +96,7 @@ def test_hf_folder_is_a_plain_vit_with_timm_features(tmp_path, monkeypatch):
     ("apl_vit_test", "hf", "one class token"),
     ("mae_vit_test_early_mask", "hf-mae", "only the late-mask"),
     ("apl_vit_test", "hf-mae", "only the late-mask"),
-])  # fmt: skip
+])
 def test_formats_that_cannot_hold_a_model_refuse_in_one_line(name, fmt, says, tmp_path, capsys):
     path = checkpoint(tmp_path, name)
     assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--format", fmt]) == 2
@@ -108,10 +108,10 @@ def test_formats_that_cannot_hold_a_model_refuse_in_one_line(name, fmt, says, tm
 def test_model_card_in_the_hub_convention(tmp_path):
     data = tmp_path / "fashion"
     assert main(["shards", "fashion-mnist", "--src", str(ASSETS), "--out", str(data), "--limit", "40",
-                 "--min-shards", "1", "--quiet"]) == 0  # fmt: skip
+                 "--min-shards", "1", "--quiet"]) == 0
     config = dict(model="mae_vit_test", data=str(data), epochs=7, batch_size=16, mask_ratio=0.6)
     path = checkpoint(tmp_path, "mae_vit_test", config, in_chans=1,
-                      pretrained_cfg_overlay=dict(mean=[0.286], std=[0.353]))  # fmt: skip
+                      pretrained_cfg_overlay=dict(mean=[0.286], std=[0.353]))
     knn = dict(protocol="knn", top1=41.25, top5=88.5, baselines=dict(raw_pixels=dict(top1=37.0), scratch=30.5))
     (path.parent / "knn.json").write_text(json.dumps(knn))
     out = tmp_path / "encoder"
@@ -121,7 +121,7 @@ def test_model_card_in_the_hub_convention(tmp_path):
     assert meta["datasets"] == ["zalando-datasets/fashion_mnist"] and "MaskedAutoencoderViT" in meta["tags"]
     text = (out / "README.md").read_text()
     for section in ("## Architecture", "## Pretext", "## Data", "## Training command", "## Evaluation",
-                    "## How to load"):  # fmt: skip
+                    "## How to load"):
         assert section in text
     assert "--epochs 7" in text and "--mask-ratio 0.6" in text and f"--data {data}" in text
     assert "| knn | 41.25 | 88.50 | raw_pixels 37.00, scratch 30.50 |" in text
@@ -141,12 +141,12 @@ def test_a_card_without_records_says_so(tmp_path):
 def test_finetuned_export_carries_the_class_names(tmp_path):
     data = tmp_path / "fashion"
     assert main(["shards", "fashion-mnist", "--src", str(ASSETS), "--out", str(data), "--limit", "40",
-                 "--min-shards", "1", "--quiet"]) == 0  # fmt: skip
+                 "--min-shards", "1", "--quiet"]) == 0
     path = checkpoint(tmp_path, "mae_vit_test", in_chans=1, img_size=28, patch_size=7,
-                      pretrained_cfg_overlay=dict(mean=[0.286], std=[0.353]))  # fmt: skip
+                      pretrained_cfg_overlay=dict(mean=[0.286], std=[0.353]))
     assert main(["finetune", "--checkpoint", str(path), "--data", str(data), "--num-workers", "0", "--device", "cpu",
                  "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0", "--mixup", "0", "--cutmix", "0",
-                 "--rand-augment", "", "--val-split", "validation"]) == 0  # fmt: skip
+                 "--rand-augment", "", "--val-split", "validation"]) == 0
     out = path.parent / "finetuned" / "last"
     names = [c["name"] for c in json.loads((data / "_info.json").read_text())["classes"]]
     assert len(names) == 10 and names[0] == "T-shirt/top"

@@ -114,7 +114,7 @@ def no_shrinking():
     """The current profile (its example count), without the shrink phase: a mutant fails fast."""
     current = settings.get_current_profile_name()
     settings.register_profile("mutants", parent=settings.get_profile(current), phases=[Phase.explicit,
-                              Phase.generate], print_blob=False)  # fmt: skip
+                              Phase.generate], print_blob=False)
     settings.load_profile("mutants")
     yield
     settings.load_profile(current)

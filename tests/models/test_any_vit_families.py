@@ -34,7 +34,7 @@ FAMILIES = {
 }
 # the early-mask decoder copies the encoder's heads (no decoder_num_heads given): any block layout must say them
 DECODERS = {"mae": dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2), "early_mask": dict(
-    decoder_embed_dim=16, decoder_depth=1)}  # fmt: skip
+    decoder_embed_dim=16, decoder_depth=1)}
 
 
 def build(pretext: str, name: str) -> torch.nn.Module:

@@ -144,7 +144,7 @@ def test_apl_features_and_head_are_the_exported_vits(name):
     assert model.pretrained_cfg["first_conv"] is None  # a linear / flatten patch encoder, no conv to adapt
     assert features.shape == (2, model.patch_embed.num_patches, model.num_features)
     torch.testing.assert_close(model.forward_head(features), vit.forward_head(vit.forward_features(x)),
-                               atol=1e-4, rtol=1e-4)  # fmt: skip
+                               atol=1e-4, rtol=1e-4)
     model.reset_classifier(0)
     assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
     with pytest.raises(ValueError, match="export the encoder first"):

@@ -45,7 +45,7 @@ def test_a_checkpoint_that_cannot_continue_is_refused_in_one_line(finished_run, 
     ckpt = {k: (dict(v) if isinstance(v, dict) else v) for k, v in finished_run.items()}
     ckpt["optimizer"] = dict(finished_run["optimizer"], state={
         i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-        for i, s in finished_run["optimizer"]["state"].items()})  # fmt: skip
+        for i, s in finished_run["optimizer"]["state"].items()})
     edit(ckpt)
     run = tmp_path / "run"
     run.mkdir()

@@ -55,7 +55,7 @@ def pretrain_config(cfg: CompareConfig, arm: str, seed: int, info: dict, updates
     elif base == "apl":
         model = BUILTIN_ARMS["apl"]
         kwargs = dict({k: v for k, v in encoder.items() if k != "patch_size"}, crop=1, **stats,
-                      grid_size=encoder["img_size"] // encoder["patch_size"])  # fmt: skip
+                      grid_size=encoder["img_size"] // encoder["patch_size"])
     else:
         model = BUILTIN_ARMS[base] or BUILTIN_ARMS["mae"]
         kwargs = dict(encoder, **decoder, mae_init=False, **stats)
@@ -68,7 +68,7 @@ def pretrain_config(cfg: CompareConfig, arm: str, seed: int, info: dict, updates
         num_workers=cfg.num_workers, seed=seed, out=str(out), resume="auto",
         save_every_steps=max(updates // max(cfg.curve_points, 1), 1), save_every_epochs=10**6,
         keep_last=max(cfg.curve_points, 1), viz_every_epochs=0, tensorboard=False, progress=False,
-    )  # fmt: skip
+    )
 
 
 def update_flops(pcfg: PretrainConfig) -> int:
@@ -117,7 +117,7 @@ class _Context:
         if self._train is None:
             e = self.encoder
             self._train = ho.load_split(self.cfg.data, self.cfg.train_split, e["img_size"], e["in_chans"],
-                                        self.cfg.num_workers)  # fmt: skip
+                                        self.cfg.num_workers)
             n = len(self._train)
             if self.cfg.holdout >= n:
                 raise UserError(f"holdout {self.cfg.holdout} must be below the {n} training images")
@@ -192,18 +192,18 @@ def run_arm_seed(ctx: _Context, arm: str, seed: int, flops: dict) -> dict:
     blocks = sorted({min(b, depth) for b in split_ints(cfg.feature_blocks)})
     variants = [("pixels", False)] if base == "raw_pixels" else _variants(cfg, model)
     features = ho.block_features(None if base == "raw_pixels" else model, train, variants, max(blocks), norm,
-                                 ctx.device)  # fmt: skip
+                                 ctx.device)
     tick = _Ticker(f"compare: {arm} seed {seed}:")
     tick("frozen features of the training split")
     args = (train.labels, ctx.bank, ctx.holdout, train.num_classes, blocks)
     knn, knn_rows = ho.choose_knn(features, *args, split_ints(cfg.knn_k), ctx.device)
     tick(f"kNN choices on the hold-out ({len(knn_rows)} settings)")
     probe, probe_rows = ho.choose_linprobe(features, *args, [float(v) for v in cfg.probe_blr.split(",")],
-                                           split_ints(cfg.probe_epochs), seed, ctx.device)  # fmt: skip
+                                           split_ints(cfg.probe_epochs), seed, ctx.device)
     tick(f"linear-probe choices on the hold-out ({len(probe_rows)} settings)")
     record.update(knn=knn, linprobe=probe, knn_holdout=knn_rows, linprobe_holdout=probe_rows)
     cache = {name: ho.select_features(features, tuple(c["variant"]), c["blocks"])[ctx.bank].clone()
-             for name, c in (("knn", knn), ("linprobe", probe))}  # fmt: skip
+             for name, c in (("knn", knn), ("linprobe", probe))}
     del features
     if base != "raw_pixels" and cfg.finetune_epochs > 0:
         bank = train.subset(ctx.bank[: cfg.finetune_images] if cfg.finetune_images else ctx.bank)
@@ -264,7 +264,7 @@ def _curve(ctx: _Context, folder: Path, train: ho.Images, norm, model: nn.Module
         x = ho.block_features(model, subset, [variant], 1, norm, ctx.device)[variant][:, -1]
         y = subset.labels
         return knn_on_features(x[: len(bank)], y[: len(bank)], x[len(bank):], y[len(bank):], train.num_classes,
-                               KnnConfig(), ctx.device)["top1"]  # fmt: skip
+                               KnnConfig(), ctx.device)["top1"]
 
     checkpoints = list_checkpoints(folder)
     if not checkpoints:
@@ -295,13 +295,13 @@ def test_arm_seed(ctx: _Context, test: ho.SealedSplit, arm: str, seed: int) -> d
         c = choices[protocol]
         variants = [tuple(c["variant"])]
         x = ho.block_features(None if base == "raw_pixels" else model, images, variants, c["blocks"], norm,
-                              ctx.device)[variants[0]].flatten(1)  # fmt: skip
+                              ctx.device)[variants[0]].flatten(1)
         if protocol == "knn":
             result["knn"] = ho.knn_test(cached["knn"], cached["labels"], x, images.labels, images.num_classes, c,
-                                        ctx.device)  # fmt: skip
+                                        ctx.device)
         else:
             result["linprobe"] = ho.linprobe_test(cached["linprobe"], cached["labels"], x, images.labels,
-                                                  images.num_classes, c, seed, ctx.device)  # fmt: skip
+                                                  images.num_classes, c, seed, ctx.device)
     for protocol in ("finetune", "partial_finetune"):
         if protocol in choices:
             state = torch.load(folder / f"{protocol}.pt", weights_only=True)
@@ -330,7 +330,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     choices = {(arm, seed): run_arm_seed(ctx, arm, seed, flops) for arm in arms for seed in range(cfg.seeds)}
     e = ctx.encoder
     test = ho.SealedSplit(lambda: ho.load_split(cfg.data, cfg.test_split, e["img_size"], e["in_chans"],
-                                                cfg.num_workers))  # fmt: skip
+                                                cfg.num_workers))
     test.unseal()  # every arm-seed's choices.json exists: nothing below is chosen
     results = {key: test_arm_seed(ctx, test, *key) for key in choices}
     payload = write_report(cfg, ctx.info, flops, choices, results, wall_s=time.perf_counter() - start,

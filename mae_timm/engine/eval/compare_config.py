@@ -99,7 +99,7 @@ def check_same_settings(path: Path, cfg: CompareConfig) -> None:
         return
     before, now = json.loads(path.read_text()), json.loads(json.dumps(asdict(cfg)))
     differ = [f"{k} {before.get(k)!r} (now {v!r})" for k, v in now.items()
-              if k not in _FREE_SETTINGS and before.get(k) != v]  # fmt: skip
+              if k not in _FREE_SETTINGS and before.get(k) != v]
     if differ:
         raise UserError(f"{path.parent} holds a compare made with {', '.join(differ)[:300]}; its finished arm-seeds "
                         "would be reused: rerun with those settings or choose a new --out")

@@ -100,7 +100,7 @@ def write_report(cfg, info: dict, flops: dict, choices: dict, results: dict, *, 
                 per_seed=per_seed, mean=statistics.mean(per_seed),
                 std=statistics.stdev(per_seed) if len(per_seed) > 1 else None,
                 min=min(per_seed), max=max(per_seed), holdout_choices=chosen,
-            )  # fmt: skip
+            )
         costs = [choices[(arm, s)] for s in seeds]
         table[arm]["cost"] = dict(
             updates=costs[0]["updates"], flops_per_update=flops.get(arm),
@@ -108,7 +108,7 @@ def write_report(cfg, info: dict, flops: dict, choices: dict, results: dict, *, 
             pretrain_wall_s=[c.get("pretrain_wall_s") for c in costs],
             pretrain_cpu_s=[c.get("pretrain_cpu_s") for c in costs],
             choose_wall_s=[c["choose_wall_s"] for c in costs],
-        )  # fmt: skip
+        )
     verdicts = []
     for a, b in _pairs(arms):
         for protocol in PROTOCOLS:
@@ -124,7 +124,7 @@ def write_report(cfg, info: dict, flops: dict, choices: dict, results: dict, *, 
         python=platform.python_version(), torch=torch.__version__, cpus=_cpus(), threads=torch.get_num_threads()),
         curves={arm: [choices[(arm, s)]["curve"] for s in seeds] for arm in arms},
         verdict_rule=__doc__.split("Verdict rule: ")[1].strip(),
-    )  # fmt: skip
+    )
     payload["machine"].update(_versions())
     with atomic_write(out / "compare.json", "w") as f:
         f.write(json.dumps(payload, indent=2, default=str) + "\n")
@@ -179,7 +179,7 @@ def render(payload: dict, figure: Path | None) -> str:
              f"{cfg['seeds']} seeds; test top-1 (%) as mean ± std (per seed). Every choice on {cfg['holdout']} "
              f"held-out training images; the test split ({cfg['test_split']}) read once, at the end.", "",
              "| arm | updates | GFLOPs / update | " + " | ".join(LABELS[p] for p in protocols) + " |",
-             "|" + "---|" * (3 + len(protocols))]  # fmt: skip
+             "|" + "---|" * (3 + len(protocols))]
     for arm, row in table.items():
         flops = row["cost"]["flops_per_update"]
         cells = [arm, str(row["cost"]["updates"]), f"{flops / 1e9:.1f}" if flops else "–"]
@@ -207,7 +207,7 @@ def render(payload: dict, figure: Path | None) -> str:
               f"(this process and its loader workers; a resumed compare counts only its last call). Machine: "
               f"{m['platform']}, {m['cpus']} cores, {m['threads']} torch threads, device {m['device']}; python "
               f"{m['python']}, torch {m['torch']}, timm {m['timm']}, mae_timm {m['mae_timm']}. Mean / std from the "
-              f"training split: {payload['data']['mean']} / {payload['data']['std']}."]  # fmt: skip
+              f"training split: {payload['data']['mean']} / {payload['data']['std']}."]
     if figure is not None:
         lines += ["", f"![accuracy vs updates]({figure.name})"]
     return "\n".join(lines) + "\n"
@@ -216,7 +216,7 @@ def render(payload: dict, figure: Path | None) -> str:
 def _choice(c: dict) -> str:
     keep = ("variant", "blocks", "standardize", "k", "blr", "epochs", "epoch", "tune_last_blocks", "top1")
     shown = {k: round(c[k], 2) if isinstance(c[k], float) and k == "top1" else c[k] for k in keep
-             if k in c and c[k] is not None}  # fmt: skip
+             if k in c and c[k] is not None}
     if "variant" in shown:
         pool, final_norm = shown["variant"]
         shown["variant"] = pool if pool == "pixels" else f"{pool}{'' if final_norm else ' without the final norm'}"

@@ -107,7 +107,7 @@ def create_loaders(model: nn.Module, data: EvalData, train_batch_size: int | Non
 def _check_splits(data: EvalData) -> None:
     if data.train_split == data.val_split:
         raise UserError(f"train and validation split are both {data.train_split!r}; "
-                        "accuracy would be measured on the training data")  # fmt: skip
+                        "accuracy would be measured on the training data")
 
 
 def _num_classes(loader, data: EvalData) -> int:

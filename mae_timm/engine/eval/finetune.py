@@ -117,7 +117,7 @@ def create_classifier(model: nn.Module, num_classes: int, cfg: FinetuneConfig, d
     classifier = mae_timm.create_timm_encoder(
         model, global_pool=cfg.global_pool, fc_norm=cfg.fc_norm, num_classes=num_classes,
         drop_path_rate=drop_path_rate,
-    )  # fmt: skip
+    )
     nn.init.trunc_normal_(classifier.head.weight, std=2e-5)  # as the MAE fine-tune: a near-zero head
     nn.init.zeros_(classifier.head.bias)
     if cfg.tune_last_blocks is not None:
@@ -145,7 +145,7 @@ def _mixup_and_criterion(cfg: FinetuneConfig, num_classes: int, strength: float)
     mixup = Mixup(
         mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=strength, label_smoothing=cfg.label_smoothing,
         num_classes=num_classes,
-    )  # fmt: skip
+    )
     return mixup, SoftTargetCrossEntropy()
 
 
@@ -173,7 +173,7 @@ class _RandAugment:
 def print_record(record: dict) -> None:
     """One line per fine-tune epoch."""
     print(f"finetune epoch {record['epoch']}/{record['epochs']}: loss {record['train_loss']:.4f} "
-          f"top1 {record['top1']:.2f} top5 {record['top5']:.2f}")  # fmt: skip
+          f"top1 {record['top1']:.2f} top5 {record['top5']:.2f}")
 
 
 def finetune_evaluate(
@@ -197,7 +197,7 @@ def finetune_evaluate(
     """
     if cfg.warmup_epochs < 0 or not 0 <= cfg.max_warmup_fraction < 1:
         raise UserError(f"fine-tune warmup_epochs must be >= 0 and max_warmup_fraction in [0, 1), got "
-                        f"{cfg.warmup_epochs} and {cfg.max_warmup_fraction}")  # fmt: skip
+                        f"{cfg.warmup_epochs} and {cfg.max_warmup_fraction}")
     if cfg.save_dir is not None:  # refused before training, not after it (the result would be lost)
         for name in ("last", "best"):
             check_export_folder(f"{cfg.save_dir}/{name}")
@@ -218,7 +218,7 @@ def finetune_evaluate(
     optimizer = create_optimizer_v2(
         classifier, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
         layer_decay=1.0 - strength * (1.0 - cfg.layer_decay),
-    )  # fmt: skip
+    )
     warmup = warmup_updates(cfg.warmup_epochs, steps_per_epoch, total, cfg.max_warmup_fraction)
     # the cosine decays to min_lr at the full recipe; a short run stays near its lr (floor (1 - r) lr + r min_lr):
     # decaying a run that is far from converged only shortens it

@@ -49,13 +49,13 @@ def load_split(data: str, split: str, img_size: int, in_chans: int, num_workers:
     order set by the images and labels alone: the loader's order depends on its number of workers (they take turns
     by batch) and on the sharding, and the hold-out is a draw over positions in this order."""
     loader = create_loader(data, split, 512, train=False, img_size=img_size, in_chans=in_chans,
-                           num_workers=num_workers, crop_pct=1.0)  # fmt: skip
+                           num_workers=num_workers, crop_pct=1.0)
     batches = list(progress(loader, f"decoding {split}"))
     images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     if (labels < 0).any():
         raise mae_timm.utils.UserError(f"the {split} split of {data} holds unlabelled samples; compare needs labels")
     digests = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16, salt=int(label).to_bytes(8, "little")).digest()
-               for image, label in zip(images, labels)]  # fmt: skip
+               for image, label in zip(images, labels)]
     order = torch.tensor(sorted(range(len(digests)), key=digests.__getitem__), dtype=torch.long)
     return Images(images[order], labels[order], loader.num_classes or int(labels.max()) + 1)
 
@@ -121,7 +121,7 @@ def block_features(model: nn.Module | None, split: Images, variants: list[Varian
 
     def pooled(x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, sum over variants of blocks * width)
         outs = encoder.forward_intermediates(x, indices=blocks, norm=False, output_fmt="NLC", intermediates_only=True,
-                                             return_prefix_tokens=True)  # fmt: skip
+                                             return_prefix_tokens=True)
         per_variant = []
         for pool, final_norm in variants:
             vectors = []
@@ -155,7 +155,7 @@ def choose_knn(features: dict, labels: torch.Tensor, bank: torch.Tensor, holdout
             for standardize in (False, True):
                 cfg = KnnConfig(k=ks[0], report_k=tuple(ks), standardize=standardize)
                 result = knn_on_features(fx[bank], labels[bank], fx[holdout], labels[holdout], num_classes, cfg,
-                                         device)  # fmt: skip
+                                         device)
                 for k, top1 in result["top1_by_k"].items():
                     rows.append(dict(variant=list(variant), blocks=b, standardize=standardize, k=int(k), top1=top1))
     return max(rows, key=lambda r: r["top1"]), rows
@@ -170,7 +170,7 @@ def choose_linprobe(features: dict, labels: torch.Tensor, bank: torch.Tensor, ho
     def probe(x, blr, n_epochs):
         cfg = LinprobeConfig(epochs=n_epochs, blr=blr, warmup_epochs=min(3, n_epochs - 1), seed=seed)
         return linprobe_on_features(x[bank], labels[bank], x[holdout], labels[holdout], num_classes, cfg,
-                                    device)["top1"]  # fmt: skip
+                                    device)["top1"]
 
     for variant, x in features.items():
         for b in [b for b in blocks if b <= x.shape[1]] or [1]:
@@ -199,7 +199,7 @@ def finetune_on_holdout(model: nn.Module, train: Images, holdout: Images, cfg: F
 
     loader = MemoryLoader(train, cfg.batch_size, train=True, seed=cfg.seed)
     result = finetune_evaluate(model, loader, MemoryLoader(holdout, 256, train=False), train.num_classes, cfg,
-                               device, log=lambda record: None, on_epoch=keep)  # fmt: skip
+                               device, log=lambda record: None, on_epoch=keep)
     history = [dict(epoch=h["epoch"], top1=h["top1"]) for h in result["history"]]
     return dict(epoch=best["epoch"], top1=best["top1"], history=history, updates=result["updates"]), state
 
@@ -212,7 +212,7 @@ def finetuned_top1(model: nn.Module, state: dict, cfg: FinetuneConfig, test: Ima
     classifier = create_classifier(model, test.num_classes, cfg, 0.0)
     classifier.load_state_dict(state)
     scores, labels = predict(classifier.eval().to(device), MemoryLoader(test, 256, train=False),
-                             normalizer(model, device), device)  # fmt: skip
+                             normalizer(model, device), device)
     return topk_accuracy(scores, labels, ks=(1,))["top1"]
 
 
@@ -223,7 +223,7 @@ def knn_test(bank_x, bank_y, test_x, test_y, num_classes, choice: dict, device) 
 
 def linprobe_test(bank_x, bank_y, test_x, test_y, num_classes, choice: dict, seed: int, device) -> float:
     cfg = LinprobeConfig(epochs=choice["epochs"], blr=choice["blr"], warmup_epochs=min(3, choice["epochs"] - 1),
-                         seed=seed)  # fmt: skip
+                         seed=seed)
     return linprobe_on_features(bank_x, bank_y, test_x, test_y, num_classes, cfg, device)["top1"]
 
 

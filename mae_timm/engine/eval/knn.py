@@ -89,7 +89,7 @@ def knn_on_features(
     """kNN accuracy of cached features: top-1/top-5 at ``cfg.k`` and ``top1_by_k`` for ``cfg.report_k``."""
     if cfg.k < 1 or cfg.temperature <= 0 or min(cfg.report_k) < 1:
         raise UserError(f"kNN needs k >= 1 and temperature > 0, got k={cfg.k}, report_k={cfg.report_k}, "
-                        f"temperature={cfg.temperature}")  # fmt: skip
+                        f"temperature={cfg.temperature}")
     device = torch.device(device)
     if cfg.standardize:
         train_features, val_features = standardized(train_features, val_features)
@@ -97,12 +97,12 @@ def knn_on_features(
     scores = knn_scores(
         train_features.to(device), train_labels.to(device), val_features.to(device), num_classes,
         k=ks, temperature=cfg.temperature,
-    )  # fmt: skip
+    )
     by_k = {str(k): topk_accuracy(scores[k].cpu(), val_labels, ks=(1,))["top1"] for k in ks}
     return dict(
         topk_accuracy(scores[cfg.k].cpu(), val_labels), top1_by_k=by_k, feature_dim=train_features.shape[1],
         num_train=len(train_labels), num_val=len(val_labels),
-    )  # fmt: skip
+    )
 
 
 def knn_evaluate(

@@ -116,7 +116,7 @@ def linprobe_on_features(
     return dict(
         topk_accuracy(scores, val_labels), train_loss=loss.item(), feature_dim=train_features.shape[1],
         num_train=len(train_labels), num_val=len(val_labels),
-    )  # fmt: skip
+    )
 
 
 def linprobe_evaluate(

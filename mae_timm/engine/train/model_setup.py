@@ -45,7 +45,7 @@ def build_model(cfg: PretrainConfig, device: torch.device | None = None) -> tupl
     if isinstance(decoder_depth, int) and decoder_depth < 0:  # range(-1) builds no decoder block, in silence
         raise UserError(f"decoder_depth {decoder_depth} of {name} must be at least 0")
     architecture = dict(record, **{field: {k: v for k, v in record[field].items() if k not in LOADING_KWARGS}
-                                   for field in ("model_kwargs", "encoder_kwargs")})  # fmt: skip
+                                   for field in ("model_kwargs", "encoder_kwargs")})
     try:
         with torch.device("meta"):  # the contract is checked at once: building a ViT-H for real takes a minute
             meta_model = create_model_from_record(architecture)

@@ -91,7 +91,7 @@ class Trainer:
         # NaN in the weights or the AdamW moments makes the first update NaN, and the error would then blame it
         states = ckpt["optimizer"].get("state", {}).items()
         moments = {f"optimizer moment {k} of parameter {i}": v for i, state in states for k, v in state.items()
-                   if torch.is_tensor(v)}  # fmt: skip
+                   if torch.is_tensor(v)}
         bad = first_non_finite({**ckpt["model"], **moments})
         if bad:
             raise UserError(f"the checkpoint holds NaN or inf ({bad}); it cannot be resumed: resume from an earlier "
