@@ -33,6 +33,7 @@ import os
 import random
 import sys
 import tarfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -177,12 +178,16 @@ def _check_samples(split: str, name: str, samples: Sequence[Sample], num_classes
             raise DataError(f"split {split!r} of {name}: sample {sample.key} has class {sample.cls}, outside "
                             f"0..{num_classes - 1} (or -1: unlabeled)")
         try:
-            with Image.open(io.BytesIO(sample.image)) as image:
-                width, height = image.size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it in one line
+                with Image.open(io.BytesIO(sample.image)) as image:
+                    size = f"{image.width}x{image.height}" if image.width * image.height > MAX_PIXELS else None
+        except Image.DecompressionBombError as exn:  # over twice PIL's own limit: PIL refuses to open it
+            size = str(exn).split(" ")[2]  # "Image size (N pixels) exceeds ..."
         except DECODE_ERRORS:
-            width = height = 0
-        if width * height > MAX_PIXELS:
-            raise DataError(f"split {split!r} of {name}: image {sample.key} is {width}x{height} pixels, more than the "
+            size = None
+        if size is not None:
+            raise DataError(f"split {split!r} of {name}: image {sample.key} is {size} pixels, more than the "
                             f"{MAX_PIXELS} the loader decodes; shrink it or leave it out")
         yield sample
 

@@ -111,12 +111,22 @@ def to_png(data: bytes, name: str) -> bytes:
     return buffer.getvalue()
 
 
+def _reads_as_picture(path: Path) -> bool:
+    """Whether PIL reads the header of a picture that is written as PNG (one not read is skipped and counted)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def _image_files(folder: Path, skipped: dict[str, int]) -> list[Path]:
-    """Image files directly inside ``folder`` (shard formats, and pictures written as PNG), sorted by name; other
-    files are counted in ``skipped`` by suffix."""
+    """Image files directly inside ``folder`` (shard formats, and the pictures written as PNG whose header PIL
+    reads), sorted by name; other files are counted in ``skipped`` by suffix."""
     files = []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS or p.suffix.lower() in CONVERTED_EXTENSIONS):
+        if p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS or p.suffix.lower() in CONVERTED_EXTENSIONS
+                            and _reads_as_picture(p)):
             files.append(p)
         elif p.is_file():
             skipped[p.suffix.lower() or "(no suffix)"] = skipped.get(p.suffix.lower() or "(no suffix)", 0) + 1
@@ -171,7 +181,7 @@ def imagefolder(root: str | os.PathLike, splits: Sequence[str] | None = None) ->
         files = [(path, index[c]) for c in class_ids if (folder / c).is_dir()
                  for path in _image_files(folder / c, skipped)]
         if skipped:
-            data.skipped[split] = (f"{sum(skipped.values())} files that are not images ("
+            data.skipped[split] = (f"{sum(skipped.values())} files that are not images PIL reads ("
                                    + ", ".join(f"{n} {s}" for s, n in sorted(skipped.items())) + ")")
         converted = [path for path, _ in files if path.suffix.lower() in CONVERTED_EXTENSIONS]
         if converted:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import timm.data
 import torch
-from fakes import make_shards
+from fakes import make_shards, rewrite_as_foreign
 from PIL import Image
 from servers import Fault, FileServer
 from webdataset import ShardWriter
@@ -97,15 +97,13 @@ def test_index_pretrain_knn_and_timm_read_shardwriter_shards(kind, tmp_path, cap
 def test_indexed_foreign_shards_give_the_batches_of_the_project_shards(tmp_path):
     """Same images in the same shards and order: the same batches, so the same losses (2 ranks, 2 epochs)."""
     project = make_shards(tmp_path / "p", min_shards=4)
-    from fakes import rewrite_as_foreign
-
     foreign = rewrite_as_foreign(project, tmp_path / "f", image="jpeg", label="json")
     for split in ("train", "validation"):
         index_shards(f"{foreign}/{split}-{{000000..000003}}.tar", split=split, label_key="json:label", progress=False)
     for rank in range(2):
         for epoch in range(2):
-            got, expected = ([b for b in create_loader(d, "train", 4, train=True, img_size=32, num_workers=1, seed=5,
-                                                        rank=rank, world_size=2, epoch=epoch)] for d in (foreign, project))
+            kwargs = dict(train=True, img_size=32, num_workers=1, seed=5, rank=rank, world_size=2, epoch=epoch)
+            got, expected = (list(create_loader(d, "train", 4, **kwargs)) for d in (foreign, project))
             assert len(got) == 4 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                                          for a, b in zip(got, expected))
 
