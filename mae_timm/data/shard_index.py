@@ -102,7 +102,7 @@ class _Scan:
         self.image_keys, self.other_keys = Counter(), Counter()
         self.problems: dict[str, list] = {}  # kind -> [count, first sample]
         self.sizes, self.modes = [], Counter()
-        self.pixel_sum, self.pixel_sq, self.pixels, self.sampled = 0.0, 0.0, 0, 0
+        self.pixel_sum, self.pixel_sq, self.pixels, self.sampled = np.zeros(3), np.zeros(3), 0, 0  # per RGB channel
 
     def problem(self, kind: str, where: str, count: int = 1) -> None:
         entry = self.problems.setdefault(kind, [0, where])
@@ -291,6 +291,8 @@ def index_shards(source: str, out_dir: str | os.PathLike | None = None, *, split
     mean = scan.pixel_sum / max(scan.pixels, 1)
     std = np.sqrt(np.maximum(scan.pixel_sq / max(scan.pixels, 1) - mean**2, 0))
     mean, std = [round(float(m), 4) for m in mean[:channels]], [round(float(s), 4) for s in std[:channels]]
+    if scan.sampled == 0:  # --stats-samples 0, or no image decoded: nothing measured, nothing recorded
+        mean = std = None
     stats = dict(sampled_images=scan.sampled, mean=mean, std=std, modes=dict(scan.modes),
                  width=dict(min=min(widths), median=statistics.median(widths), max=max(widths)),
                  height=dict(min=min(heights), median=statistics.median(heights), max=max(heights)))
@@ -302,8 +304,9 @@ def index_shards(source: str, out_dir: str | os.PathLike | None = None, *, split
     info.update(name=name or info.get("name") or out_dir.resolve().name, num_classes=num_classes, classes=classes,
                 source=info.get("source") or str(source), format_version=FORMAT_VERSION)
     info.setdefault("splits", {})[split] = entry
-    if split == "train" or "mean" not in info:
+    if mean is not None and (split == "train" or "mean" not in info):
         info.update(channels=channels, mean=mean, std=std)
+    info.setdefault("channels", channels)
     with atomic_write(info_path, "w") as f:
         f.write(json.dumps(info, indent=1) + "\n")
     return info

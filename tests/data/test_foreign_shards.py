@@ -183,3 +183,9 @@ def test_index_refuses_what_it_cannot_use(tmp_path):
         (tmp_path / "g").mkdir()
         (tmp_path / "g" / "a.tar").write_bytes(tar_of({"k.png": picture(0, 0, "png"), "k.cls": b"cat"}))
         index_shards(str(tmp_path / "g"))
+
+
+def test_without_a_stats_sample_no_mean_or_std_is_recorded(tmp_path):
+    write_foreign(tmp_path / "f", "jpg+cls")
+    info = index_shards(str(tmp_path / "f"), stats_samples=0, progress=False)
+    assert "mean" not in info and info["channels"] == 3 and info["splits"]["train"]["image_stats"]["mean"] is None
