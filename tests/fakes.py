@@ -9,6 +9,7 @@ validation shards of class-coloured JPEGs straight away (for engine and evaluati
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import zipfile
@@ -146,3 +147,31 @@ def tiny_pretrain_config(out: str | Path, data: str | Path | None, **overrides):
                     warmup_epochs=0, max_steps=2, num_workers=0, save_every_steps=1, viz_every_epochs=0,
                     tensorboard=False, progress=False, out=str(out))
     return PretrainConfig(**dict(settings, **overrides))
+
+
+def rewrite_as_foreign(project_dir: str | Path, out: str | Path, image: str = "png", label: str = "json") -> Path:
+    """The shards of ``project_dir`` (written by ``write_shards``) as another tool writes them: each shard again with
+    ``webdataset.ShardWriter``'s tar writer under the same file name and sample order, the image under the field
+    ``image`` (its bytes as they are) and the class as ``label``: ``cls``, ``json`` (field 'label') or ``none``.
+    No _info.json: ``mae-timm shards index`` writes it."""
+    import tarfile
+
+    from webdataset import TarWriter
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(Path(project_dir).glob("*.tar")):
+        members = {}
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        with TarWriter(str(out / shard.name)) as sink:
+            for key, fields in members.items():
+                record = {"__key__": key, image: next(v for k, v in fields.items() if k in ("jpg", "png", "webp"))}
+                if label == "cls":
+                    record["cls"] = fields["cls"]
+                elif label == "json":
+                    record["json"] = json.dumps({"label": int(fields["cls"]), "caption": "x"}).encode()
+                sink.write(record)
+    return out

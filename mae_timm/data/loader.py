@@ -90,9 +90,10 @@ def ignore_stop_signals(closing: torch.Tensor, worker_id: int) -> None:
 
 
 def _shut_down(iterator: Iterator) -> None:
-    """End a DataLoader iterator's workers now. An error raised out of the iteration keeps the iterator alive in its
-    traceback; once the garbage collector reaches that cycle it may close the iterator's queues before torch's own
-    ``__del__`` sends the workers their stop, and that shutdown then waits 5 s per worker before killing it."""
+    """End a DataLoader iterator's workers now, at the point where the iteration ends. Leaving it to torch's
+    ``__del__`` does not suffice: an error raised out of the iteration keeps the iterator alive in its traceback, and
+    the garbage collector may close its queues before ``__del__`` sends the workers their stop, so that shutdown
+    waits 5 s per worker before it kills them."""
     shutdown = getattr(iterator, "_shutdown_workers", None)  # the multiprocess iterator's; none with num_workers=0
     if shutdown is not None:
         shutdown()
@@ -131,6 +132,12 @@ class ShardLoader:
     @property
     def num_classes(self) -> int | None:
         return self.shard_set.info.get("num_classes")
+
+    @property
+    def label_key(self) -> str:
+        """Where the labels come from: 'cls', or 'json:FIELD' (the split's ``alt_label``, as timm reads it)."""
+        field = self.shard_set.label_field
+        return "cls" if field is None else f"json:{field}"
 
     @property
     def num_samples(self) -> int | None:
@@ -339,6 +346,7 @@ def create_loader(
                      errors=errors, batches_per_worker=batches_per_worker, epoch=epoch, decoder=decode,
                      image_mode=IMAGE_MODES[in_chans], num_classes=shard_set.info.get("num_classes"),
                      lengths=dict(zip(shard_set.urls, shard_set.shard_lengths)) if shard_set.shard_lengths else None,
+                     label_field=shard_set.label_field,
                      sha256=dict(zip(shard_set.urls, shard_set.sha256, strict=True)) if verify else None)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

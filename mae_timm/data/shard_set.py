@@ -4,6 +4,7 @@ reader (worker of a rank) reads in one pass (:func:`shards_for_reader`).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import urllib.parse
@@ -28,6 +29,7 @@ class ShardSet:
     num_samples: int | None
     info: dict = field(default_factory=dict)  # the _info.json, {} without one
     sha256: list[str] | None = None  # the digests _info.json records, None without them
+    label_field: str | None = None  # the split's 'alt_label' (timm's): the JSON field holding the class; None: 'cls'
 
 
 def _local_path(url: str) -> str | None:
@@ -61,6 +63,24 @@ def _lengths_from_info(urls: list[str]) -> tuple[list[int] | None, list[str] | N
     return _recorded(entries, names, "shard_lengths"), _recorded(entries, names, "sha256"), info
 
 
+def _lengths_from_stats(urls: list[str]) -> list[int] | None:
+    """Shard lengths from the ``NAME_stats.json`` that img2dataset writes beside each local shard ``NAME.tar``
+    (its ``successes``: the samples the shard holds), when every shard has one; else None."""
+    lengths = []
+    for url in urls:
+        path = _local_path(url)
+        stats = None if path is None else os.path.splitext(path)[0] + "_stats.json"
+        try:
+            with open(stats) as f:
+                count = json.load(f).get("successes")
+        except (TypeError, OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(count, int) or count < 0:
+            return None
+        lengths.append(count)
+    return lengths
+
+
 def remote_folder(source) -> str | None:
     """The url of a remote shard directory (``http(s)://host/path/``, ending in ``/`` or in ``/_info.json``),
     with its trailing ``/``; None for anything else."""
@@ -87,8 +107,9 @@ def _directory_info(source) -> tuple[dict, str] | None:
 def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_samples: int | None = None) -> ShardSet:
     """The shards of ``split``: ``source`` is a shard directory with _info.json (a local folder, or an
     ``http(s)://.../`` url ending in ``/``: its ``_info.json`` is fetched, and the shards it lists are read from
-    beside it with the same lengths and sha256), a brace pattern, or a list of urls. Local shards that are missing
-    or an empty pattern raise :class:`DataError` here, before any work."""
+    beside it with the same lengths and sha256), a brace pattern, or a list of urls (their lengths from an
+    ``_info.json`` beside them, else from img2dataset's ``NAME_stats.json`` files, else ``num_samples`` is the
+    total). Local shards that are missing or an empty pattern raise :class:`DataError` here, before any work."""
     found = _directory_info(source)
     if found is not None:
         info, folder = found
@@ -99,10 +120,16 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_sa
         if not isinstance(entry.get("shard_lengths"), list) or not isinstance(entry.get("num_samples"), int):
             raise DataError(f"{INFO_NAME} of {source}: split {split!r} lacks 'shard_lengths' or 'num_samples'")
         urls = [folder + name if remote_folder(folder) else os.path.join(folder, name) for name in entry["filenames"]]
-        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info, entry.get("sha256"))
+        label_field = entry.get("alt_label") or None
+        if label_field is not None and not isinstance(label_field, str):
+            raise DataError(f"{INFO_NAME} of {source}: split {split!r}: 'alt_label' is not a JSON field name")
+        shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info, entry.get("sha256"),
+                             label_field)
     else:
         urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]
         lengths, digests, info = _lengths_from_info(urls) if urls else (None, None, {})
+        if lengths is None and urls:
+            lengths = _lengths_from_stats(urls)
         shard_set = ShardSet(urls, lengths, num_samples or (sum(lengths) if lengths else None), info, digests)
     if not shard_set.urls:
         raise DataError(f"no shards in {source!r} for split {split!r}")

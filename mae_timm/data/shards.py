@@ -26,18 +26,22 @@ normalises with (its ``pretrained_cfg``).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import random
 import sys
 import tarfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from mae_timm.data.decode import DECODE_ERRORS, MAX_PIXELS
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData
 from mae_timm.utils import atomic_write
 
@@ -77,6 +81,19 @@ def read_info(directory: str | os.PathLike) -> dict:
     return parse_info(path.read_bytes(), str(path))
 
 
+class Splits(dict):
+    """The ``splits`` of an ``_info.json``: looking up a split it lacks is a one-line :class:`DataError` naming the
+    splits it has (``--split bogus`` reaches every reader of the folder, not only the loader)."""
+
+    def __init__(self, entries: dict, path: str):
+        super().__init__(entries)
+        self.path = path
+
+    def __missing__(self, split):
+        raise DataError(f"{self.path} has no split {split!r} (it has {', '.join(sorted(self)) or 'none'}); pass "
+                        "--split with one of them, or write it with mae-timm shards")
+
+
 def parse_info(text: bytes, path: str) -> dict:
     """An ``_info.json``'s bytes (read from ``path``: a file or a url) checked as :func:`read_info` says."""
     try:
@@ -95,6 +112,8 @@ def parse_info(text: bytes, path: str) -> dict:
         for key in ("shard_lengths", "sha256"):
             if key in entry and (not isinstance(entry[key], list) or len(entry[key]) != len(names)):
                 raise DataError(f"{path}: split {split!r}: {key!r} is not a list of one value per shard")
+    if "splits" in info:
+        info["splits"] = Splits(splits, path)
     return info
 
 
@@ -150,12 +169,26 @@ def _source_stamp(samples: Sequence[Sample], indices: list[int]) -> str | None:
     return digest.hexdigest()
 
 
-def _check_labels(split: str, name: str, samples: Sequence[Sample], num_classes: int) -> Iterable[Sample]:
-    """The samples, each checked as it is written: a class outside ``[-1, num_classes)`` stops the write."""
+def _check_samples(split: str, name: str, samples: Sequence[Sample], num_classes: int) -> Iterable[Sample]:
+    """The samples, each checked as it is written: a class outside ``[-1, num_classes)``, or an image whose header
+    claims more pixels than the loader decodes (``MAX_PIXELS``: it would be dropped on every read), stops the
+    write. An image whose header does not read is written: the loader counts it, as any damaged image."""
     for sample in samples:
         if not -1 <= int(sample.cls) < num_classes:
             raise DataError(f"split {split!r} of {name}: sample {sample.key} has class {sample.cls}, outside "
                             f"0..{num_classes - 1} (or -1: unlabeled)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it in one line
+                with Image.open(io.BytesIO(sample.image)) as image:
+                    size = f"{image.width}x{image.height}" if image.width * image.height > MAX_PIXELS else None
+        except Image.DecompressionBombError as exn:  # over twice PIL's own limit: PIL refuses to open it
+            size = str(exn).split(" ")[2]  # "Image size (N pixels) exceeds ..."
+        except DECODE_ERRORS:
+            size = None
+        if size is not None:
+            raise DataError(f"split {split!r} of {name}: image {sample.key} is {size} pixels, more than the "
+                            f"{MAX_PIXELS} the loader decodes; shrink it or leave it out")
         yield sample
 
 
@@ -265,7 +298,7 @@ def write_shards(
             digest = _intact_digest(path, [tar_key(keys[i]) for i in shard_order], recorded.get(path.name),
                                     stamp is None or recorded_stamps.get(path.name) in (None, stamp))
             if digest is None:
-                _write_shard(path, _check_labels(split, name, (samples[i] for i in shard_order), len(classes)))
+                _write_shard(path, _check_samples(split, name, (samples[i] for i in shard_order), len(classes)))
                 digest = file_digest(path, "sha256")
             filenames.append(path.name)
             digests.append(digest)

@@ -37,6 +37,9 @@ __all__ = [
 
 # file extension -> shard field; the fields timm's wds reader decodes by default ('jpg;png;webp')
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+# pictures PIL reads that no shard reader decodes: written as PNG (lossless, so the pixels are the file's)
+CONVERTED_EXTENSIONS = (".bmp", ".gif", ".tif", ".tiff")
+PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"}  # PIL modes a PNG stores as they are
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_CLASSES = (
@@ -90,14 +93,40 @@ class SourceData:
     mean: tuple[float, ...] | None = None  # per-channel pixel mean of the train split in [0, 1], when known
     std: tuple[float, ...] | None = None  # per-channel pixel std of the train split in [0, 1], when known
     skipped: dict[str, str] = field(default_factory=dict)  # split -> what the source left out and why, one line
+    converted: dict[str, str] = field(default_factory=dict)  # split -> what the source re-encoded and why, one line
+
+
+def to_png(data: bytes, name: str) -> bytes:
+    """A picture PIL reads (BMP, GIF, TIFF: its first frame) as PNG bytes with the same pixels; a mode PNG cannot
+    store (CMYK, YCbCr, float) is converted to RGB. DataError naming ``name`` when PIL cannot read it."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode not in PNG_MODES:
+                image = image.convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read picture {name}: {e}") from None
+    return buffer.getvalue()
+
+
+def _reads_as_picture(path: Path) -> bool:
+    """Whether PIL reads the header of a picture that is written as PNG (one not read is skipped and counted)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _image_files(folder: Path, skipped: dict[str, int]) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; other files are counted in ``skipped`` by suffix
-    (``.bmp``, ``.gif``, ``.tif``: the shards hold only what timm's reader decodes, never re-encoded)."""
+    """Image files directly inside ``folder`` (shard formats, and the pictures written as PNG whose header PIL
+    reads), sorted by name; other files are counted in ``skipped`` by suffix."""
     files = []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+        if p.is_file() and (p.suffix.lower() in IMAGE_EXTENSIONS or p.suffix.lower() in CONVERTED_EXTENSIONS
+                            and _reads_as_picture(p)):
             files.append(p)
         elif p.is_file():
             skipped[p.suffix.lower() or "(no suffix)"] = skipped.get(p.suffix.lower() or "(no suffix)", 0) + 1
@@ -152,10 +181,15 @@ def imagefolder(root: str | os.PathLike, splits: Sequence[str] | None = None) ->
         files = [(path, index[c]) for c in class_ids if (folder / c).is_dir()
                  for path in _image_files(folder / c, skipped)]
         if skipped:
-            data.skipped[split] = (f"{sum(skipped.values())} files that are not {'/'.join(IMAGE_EXTENSIONS)} images ("
+            data.skipped[split] = (f"{sum(skipped.values())} files that are not images PIL reads ("
                                    + ", ".join(f"{n} {s}" for s, n in sorted(skipped.items())) + ")")
+        converted = [path for path, _ in files if path.suffix.lower() in CONVERTED_EXTENSIONS]
+        if converted:
+            data.converted[split] = (f"{len(converted)} {'/'.join(CONVERTED_EXTENSIONS)} pictures written as PNG "
+                                     f"(the same pixels), first {converted[0]}")
         if not files:
-            raise DataError(f"imagefolder split {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+            raise DataError(f"imagefolder split {folder} holds no images "
+                            f"({'/'.join(IMAGE_EXTENSIONS)}/{'/'.join(CONVERTED_EXTENSIONS)})")
         keys = [_key_text(f"{class_ids[cls]}_{path.stem}").replace(".", "_") for path, cls in files]
         if len(set(keys)) != len(keys):
             raise DataError(f"imagefolder split {folder} has two images with one name stem in the same class folder")
@@ -166,6 +200,8 @@ def imagefolder(root: str | os.PathLike, splits: Sequence[str] | None = None) ->
                 image = path.read_bytes()
             except OSError as e:
                 raise DataError(f"cannot read source image {path}: {e.strerror or e}") from None
+            if path.suffix.lower() in CONVERTED_EXTENSIONS:
+                return Sample(key=keys[i], image=to_png(image, str(path)), ext="png", cls=cls)
             return Sample(key=keys[i], image=image, ext=IMAGE_EXTENSIONS[path.suffix.lower()], cls=cls)
 
         def stamp(i, files=files):

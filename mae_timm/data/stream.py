@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import random
 import re
@@ -35,7 +36,7 @@ from mae_timm.data.shard_set import shards_for_reader
 from mae_timm.data.sources import DataError
 from mae_timm.data.tar_reader import DamagedShard, tar_members
 
-__all__ = ["ERROR_KINDS", "MAIN_PROCESS_ROW", "MAX_READERS", "collate", "collate_encoded"]
+__all__ = ["ERROR_KINDS", "MAIN_PROCESS_ROW", "MAX_READERS", "collate", "collate_encoded", "json_label"]
 
 _logger = logging.getLogger("mae_timm.data.loader")  # the loader's log, where users and tests look for it
 
@@ -43,6 +44,17 @@ MAX_READERS = 1024  # rows of the shared error-count table (rank-local workers)
 MAIN_PROCESS_ROW = MAX_READERS - 1  # the row of images that the main process fails to decode (decode='device')
 ERROR_KINDS = ("bad_images", "bad_shards", "reserved_members")  # columns of the shared error-count table
 RESERVED_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (its tar_file_iterator skips them)
+
+
+def json_label(sample: dict, field: str) -> bytes:
+    """The class that ``field`` of a sample's ``json`` member holds, as ``cls`` text; DataError naming the sample when
+    the member or the field is missing or not JSON (timm's reader stops on these too)."""
+    try:
+        value = json.loads(sample["json"])[field]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no JSON label field "
+                        f"{field!r} (the split's _info.json reads its labels there)") from None
+    return str(value).encode()
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +94,7 @@ class _Stream:
     sha256: dict[str, str] | None = None  # url -> recorded digest: verify each shard before reading it
     num_classes: int | None = None  # from _info.json: a label outside [-1, num_classes) stops the epoch
     lengths: dict[str, int] | None = None  # url -> samples _info.json records: a shard holding fewer is counted
+    label_field: str | None = None  # the field of the 'json' member holding the class (timm's alt_label); None: 'cls'
 
     def _reader(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
@@ -160,7 +173,10 @@ class _Stream:
                                 sample.get("__url__"), exn)
 
     def check_label(self, sample: dict) -> None:
-        """DataError naming the sample when its ``cls`` is not an integer in ``[-1, num_classes)``."""
+        """Set the sample's ``cls`` from ``label_field`` of its ``json`` member when the split keeps its labels there;
+        DataError naming the sample when the class is not an integer in ``[-1, num_classes)``."""
+        if self.label_field is not None:
+            sample["cls"] = json_label(sample, self.label_field)
         text = sample.get("cls", b"-1")
         try:
             label = int(text)

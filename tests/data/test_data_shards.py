@@ -7,6 +7,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 from fakes import make_tiny_imagenet_zip
@@ -207,3 +208,30 @@ def test_imagefolder_source(tmp_path):
     os.rename(tmp_path / "src" / "val" / "dog", tmp_path / "src" / "val" / "wolf")
     with pytest.raises(DataError, match="'wolf'"):
         imagefolder(tmp_path / "src")
+
+
+def test_imagefolder_takes_bmp_gif_and_tiff_pictures_as_png_with_their_pixels(tmp_path, capsys):
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 128, 255], [9, 99, 199]], dtype=np.uint8)  # a GIF keeps 4 colours
+    pixels = palette[np.random.default_rng(0).integers(0, 4, (6, 6))]  # (6, 6, 3)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for suffix in ("png", "bmp", "gif", "tif"):
+        Image.fromarray(pixels).save(tmp_path / "src" / "a" / f"x_{suffix}.{suffix}")
+    assert main(["shards", "imagefolder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+                 "--quiet", "--min-shards", "1"]) == 0
+    assert "3 .bmp/.gif/.tif/.tiff pictures written as PNG" in capsys.readouterr().out
+    with tarfile.open(tmp_path / "o" / "train-000000.tar") as tar:
+        images = {m.name: Image.open(io.BytesIO(tar.extractfile(m).read())) for m in tar if m.name.endswith(".png")}
+    assert len(images) == 4
+    for image in images.values():
+        assert image.format == "PNG" and np.array_equal(np.asarray(image.convert("RGB")), pixels)
+
+
+def test_an_image_over_the_loaders_pixel_cap_is_refused_when_writing(tmp_path):
+    big = io.BytesIO()
+    Image.frombytes("1", (10000, 10000), bytes(10000 * 10000 // 8)).save(big, format="PNG")  # 100 Mpx, 15 kB
+    small = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(small, format="PNG")
+    samples = [Sample("small", small.getvalue(), "png", 0), Sample("huge", big.getvalue(), "png", 0)]
+    with pytest.raises(DataError, match=r"image huge is 10000x10000 pixels, more than the 33554432 the loader decodes"):
+        write_shards(tmp_path, {"train": samples}, ["a"], min_shards=1, progress=False)
+    assert not list(tmp_path.glob("*.tar"))

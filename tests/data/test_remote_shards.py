@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import make_shards
+from fakes import make_shards, rewrite_as_foreign
 from PIL import Image
 from servers import Fault, FileServer
 
 from mae_timm.data import DataError, create_loader, remote
+from mae_timm.data.shard_index import index_shards
 from mae_timm.data.shards import INFO_NAME
 
 EVAL = dict(train=False, img_size=16, num_workers=0, crop_pct=1.0)
@@ -64,6 +65,21 @@ def test_http_shards_read_as_local_ones(shards, server, split):
     for epoch in (0, 1):
         assert same(batches(local, epoch), batches(http, epoch))
     assert sum(http.errors.values()) == 0 and len(server.requests) > 4
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_indexed_foreign_http_shards_read_as_the_project_ones(shards, tmp_path, split):
+    """ShardWriter's layout (jpeg + a JSON label field) indexed, served over HTTP: the batches of the project's
+    shards of the same images, epoch after epoch."""
+    foreign = rewrite_as_foreign(shards, tmp_path / "foreign", image="jpeg", label="json")
+    for name in ("train", "validation"):
+        index_shards(f"{foreign}/{name}-{{000000..000003}}.tar", split=name, label_key="json:label", progress=False)
+    kwargs = TRAIN if split == "train" else EVAL
+    with FileServer(foreign) as server:
+        http = create_loader(server.url(), split, 4, verify=True, **kwargs)
+        for epoch in (0, 1):
+            assert same(batches(create_loader(shards, split, 4, **kwargs), epoch), batches(http, epoch))
+    assert sum(http.errors.values()) == 0 and http.label_key == "json:label"
 
 
 def test_pipe_shards_read_as_local_ones(shards):

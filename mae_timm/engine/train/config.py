@@ -33,6 +33,7 @@ class PretrainConfig:
     # data
     data: str | None = None  # shard directory (with _info.json) or a comma-separated list of shard urls
     split: str = "train"  # split of the shard directory to pretrain on
+    num_samples: int | None = None  # images in `data` when it has no _info.json (a shard pattern or url list)
     synthetic: bool = False  # random images derived from (seed, rank, step) instead of shards: smoke tests, timing
     synthetic_samples: int = 4096  # images per synthetic epoch
     img_size: int | None = None  # None: the model's input size; else the model is built at it (a multiple of its patch)

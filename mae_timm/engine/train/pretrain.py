@@ -131,7 +131,7 @@ def _create_loader(cfg: PretrainConfig, model: nn.Module, *, split: str, train: 
         raise UserError("no data: pass --data SHARD_DIR (made by `mae-timm shards`) or --synthetic")
     source = cfg.data.split(",") if "," in cfg.data else cfg.data
     return create_loader(source, split, batch_size, train=train, img_size=img_size, in_chans=in_chans,
-                         num_workers=cfg.num_workers, seed=cfg.seed)
+                         num_workers=cfg.num_workers, seed=cfg.seed, num_samples=cfg.num_samples)
 
 
 def _viz_images(cfg: PretrainConfig, model: nn.Module, device: torch.device) -> torch.Tensor | None:
