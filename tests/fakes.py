@@ -146,3 +146,10 @@ def tiny_pretrain_config(out: str | Path, data: str | Path | None, **overrides):
                     warmup_epochs=0, max_steps=2, num_workers=0, save_every_steps=1, viz_every_epochs=0,
                     tensorboard=False, progress=False, out=str(out))
     return PretrainConfig(**dict(settings, **overrides))
+
+
+class Batches(list):
+    """A list of (images, labels) batches that honours the loaders' epoch interface (one order every epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
