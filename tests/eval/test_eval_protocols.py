@@ -38,14 +38,14 @@ from tests.fakes import Batches
 
 def knn_evaluate(model, train, val, num_classes, cfg, device):
     """kNN of a model's frozen features, through the package's API (what `mae-timm knn` runs)."""
-    cached = frozen_features(model, train, val, device, pool=cfg.global_pool, final_norm=cfg.final_norm,
+    cached = frozen_features(model, train, val, device, pool=cfg.pool, final_norm=cfg.final_norm,
                              blocks=cfg.feature_blocks)
     return knn_on_features(*cached, num_classes, cfg, device)
 
 
 def linprobe_evaluate(model, train, val, num_classes, cfg, device):
     """The linear probe of a model's frozen features, through the package's API (what `mae-timm linprobe` runs)."""
-    cached = frozen_features(model, train, val, device, pool=cfg.global_pool, final_norm=cfg.final_norm,
+    cached = frozen_features(model, train, val, device, pool=cfg.pool, final_norm=cfg.final_norm,
                              blocks=cfg.feature_blocks)
     return linprobe_on_features(*cached, num_classes, cfg, device)
 

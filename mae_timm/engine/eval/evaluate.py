@@ -117,7 +117,7 @@ def evaluate_frozen(
     """
     _check_splits(data)
     cfgs = {name: cfg for name, cfg in (("knn", knn), ("linprobe", linprobe)) if cfg is not None}
-    pools = {(cfg.global_pool, cfg.final_norm, cfg.feature_blocks) for cfg in cfgs.values()}
+    pools = {(cfg.pool, cfg.final_norm, cfg.feature_blocks) for cfg in cfgs.values()}
     if len(pools) > 1 and not raw_pixels:
         raise UserError(f"kNN and linear probe share one feature pass; their pooling differs: {sorted(pools)}")
     device = resolve_device(data.device)

@@ -33,7 +33,7 @@ class KnnConfig:
     report_k: tuple[int, int, int] = (10, 20, 200)  # also report top-1 at these k (top1_by_k), from the same search
     # avg: mean of the patch tokens (every model has them); token: the class token; flat: the patch tokens in grid
     # order (patches x width features, the spatial layout kept)
-    global_pool: str = "avg"
+    pool: str = "avg"
     final_norm: bool = True  # each block's tokens through the encoder's final LayerNorm before pooling
     feature_blocks: int = 1  # concatenate the pooled tokens of the last N blocks
     # standardise every feature dimension with the memory bank's mean and std before the cosine (train statistics;
@@ -41,7 +41,7 @@ class KnnConfig:
     standardize: bool = False
 
     def __post_init__(self):  # k and temperature: knn_on_features checks them
-        check_settings(self, dict(global_pool=FROZEN_POOLS))
+        check_settings(self, dict(pool=FROZEN_POOLS))
 
 
 @torch.no_grad()

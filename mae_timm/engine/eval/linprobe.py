@@ -39,14 +39,14 @@ class LinprobeConfig:
     momentum: float = 0.9  # LARS / SGD momentum (MAE linear probe: 0.9)
     weight_decay: float = 0.0  # MAE paper: no weight decay for the probe
     warmup_epochs: int = 10  # linear warmup, then cosine to 0; must be below epochs
-    global_pool: str = "avg"  # as KnnConfig.global_pool: avg, token or flat
+    pool: str = "avg"  # as KnnConfig.pool: avg, token or flat
     final_norm: bool = True  # as KnnConfig.final_norm
     feature_blocks: int = 1  # as KnnConfig.feature_blocks
     seed: int = 0  # head init and batch order
 
     def __post_init__(self):  # epochs and warmup: the one warmup rule, when the probe starts
         check_settings(self, dict(batch_size=at_least(2), blr=above(0), momentum=fraction(zero=True),
-                                  weight_decay=at_least(0), global_pool=FROZEN_POOLS))
+                                  weight_decay=at_least(0), pool=FROZEN_POOLS))
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:

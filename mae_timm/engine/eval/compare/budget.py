@@ -42,15 +42,15 @@ def pretrain_config(cfg: CompareConfig, arm: Arm, seed: int, info: dict, updates
     if ":" in arm.pretext:
         pretext, vit = arm.pretext.split(":", 1)
         model = dict(pretext=pretext, encoder=vit, encoder_kwargs=dict(encoder, **stats),
-                     model_kwargs=dict(decoder, **arm.model_kwargs))
+                     model_kwargs={**decoder, **arm.model_kwargs})
     elif arm.pretext == "apl":
         grid = encoder["img_size"] // encoder["patch_size"]
         kwargs = {k: v for k, v in encoder.items() if k != "patch_size"}
         model = dict(model=BUILTIN_ARMS["apl"],
-                     model_kwargs=dict(kwargs, crop=1, **stats, grid_size=grid, **arm.model_kwargs))
+                     model_kwargs={**kwargs, "crop": 1, **stats, "grid_size": grid, **arm.model_kwargs})
     else:
         model = dict(model=BUILTIN_ARMS[arm.pretext] or BUILTIN_ARMS[REFERENCE],
-                     model_kwargs=dict(encoder, **decoder, mae_init=False, **stats, **arm.model_kwargs))
+                     model_kwargs={**encoder, **decoder, "mae_init": False, **stats, **arm.model_kwargs})
     per_epoch = max(info["splits"][cfg.train_split]["num_samples"] // recipe.batch_size, 1)
     epochs = -(-updates // per_epoch)
     warmup = fit_warmup(round(recipe.warmup_fraction * epochs), epochs)
