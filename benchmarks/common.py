@@ -9,7 +9,8 @@ also what ``FlopCounterMode`` counts, so the three counters below can be compare
 
 - ``fvcore_macs``: fvcore's ``FlopCountAnalysis`` (per module) plus a handle for
   ``aten::scaled_dot_product_attention``, which fvcore does not know and would otherwise count as zero.
-- ``counted_flops``: ``FlopCounterMode`` over any callable (forward, or forward + backward), with attention run
+- ``counted_flops`` (:mod:`mae_timm.engine.flops`, the one counter compare uses too): ``FlopCounterMode`` over any
+  callable (forward, or forward + backward), with attention run
   through the math backend so that every device (the CPU included) counts it.
 - ``vit_macs`` / ``mae_macs``: the analytic formula for a ViT and a late-mask MAE.
 """
@@ -31,8 +32,8 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+
+from mae_timm.engine.flops import counted_flops
 
 __all__ = [
     "attention_macs",
@@ -90,14 +91,6 @@ def fvcore_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str,
     )
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return dict(analysis.by_module())
-
-
-def counted_flops(fn: Callable[[], object]) -> int:
-    """FLOPs (2 per multiply-add) that ``FlopCounterMode`` sees while ``fn()`` runs, attention included."""
-    # the fused CPU attention kernel has no FlopCounterMode formula; the math backend is made of counted matmuls
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def attention_macs(tokens: int, dim: int) -> int:

@@ -30,12 +30,11 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._device import DeviceContext
-from torch.utils.flop_counter import FlopCounterMode
 
 import mae_timm  # noqa: F401  (registers the models)
 from benchmarks.common import describe_run, fvcore_macs, mae_macs, markdown_table, write_results
+from mae_timm.engine.flops import flop_counter
 from mae_timm.models import MaskedAutoencoderViT
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -105,8 +104,8 @@ def module_macs(by_module: dict[str, int], name: str) -> int:
 def flop_counter_macs(traced: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Multiply-adds of ``traced(*inputs)`` per module name as fvcore names them (``''`` is the total), counted by
     ``FlopCounterMode`` (2 FLOPs per multiply-add) with attention through the math backend (counted matmuls)."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        traced(*inputs)
+    with torch.no_grad():
+        counter = flop_counter(lambda: traced(*inputs))
     root = type(traced).__name__  # FlopCounterMode names modules from the root's class name
     by_module = {"": counter.get_total_flops() // 2}
     for name, ops in counter.get_flop_counts().items():

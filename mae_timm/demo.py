@@ -19,7 +19,7 @@ import torch
 from mae_timm.data import GpuAugment, fashion_mnist, write_source
 from mae_timm.engine.checkpoint import load_model
 from mae_timm.engine.eval.compare import CompareConfig, run_compare
-from mae_timm.engine.eval.compare_report import LABELS
+from mae_timm.engine.eval.compare.report import LABELS
 from mae_timm.layers import patchify, unpatchify
 from mae_timm.utils import atomic_write
 from mae_timm.utils.settings import above, at_least, check_settings, fraction

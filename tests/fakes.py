@@ -175,3 +175,10 @@ def rewrite_as_foreign(project_dir: str | Path, out: str | Path, image: str = "p
                     record["json"] = json.dumps({"label": int(fields["cls"]), "caption": "x"}).encode()
                 sink.write(record)
     return out
+
+
+class Batches(list):
+    """A list of (images, labels) batches that honours the loaders' epoch interface (one order every epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass

@@ -1,7 +1,7 @@
 """``mae-timm knn | linprobe | finetune``: evaluate a checkpoint's encoder on labelled shards.
 
-Settings of each protocol come from its dataclass in :mod:`mae_timm.engine.config` (one option per field,
-or a YAML file with ``--config``). Top-1/top-5 are printed and written to ``<run folder>/<protocol>.json``.
+Settings of each protocol come from its dataclass (:data:`mae_timm.engine.eval.evaluate.PROTOCOLS`; one option
+per field, or a YAML file with ``--config``). Top-1/top-5 are printed and written to ``<run folder>/<protocol>.json``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``mae-timm pretrain``: pretrain a registered pretext model on shards (or ``--synthetic`` images).
 
-Settings are the fields of :class:`mae_timm.engine.config.PretrainConfig`: defaults < ``--config FILE.yaml`` <
+Settings are the fields of :class:`mae_timm.engine.train.config.PretrainConfig`: defaults < ``--config FILE.yaml`` <
 options. Under ``torchrun --nproc-per-node N`` it runs data-parallel.
 """
 

@@ -16,7 +16,7 @@ RGB into folders (the patch kernel replicated over RGB and divided by 3, mean/st
 transformers client feeds 3 channels, and a gray image converted to RGB gives the 1-channel features.
 
 Every writer checks what it wrote by loading it the way a user will, and only a checked artifact gets its name
-(a folder is written under a temporary name beside ``out`` and renamed; a file through ``runtime.atomic_write``).
+(a folder is written under a temporary name beside ``out`` and renamed; a file through ``mae_timm.utils.atomic_write``).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # installed w
 
 def resolve_config_path(path: str | Path) -> Path:
     """A YAML file, or a shipped config by name from any folder: ``fashion_mnist_late``, ``fashion_mnist_late.yaml``
-    and ``configs/fashion_mnist_late.yaml`` (the repository's old path) all name
+    and ``configs/fashion_mnist_late.yaml`` (a path relative to the package folder) all name
     ``mae_timm/configs/fashion_mnist_late.yaml``."""
     path = Path(path)
     if path.is_file():

@@ -51,9 +51,12 @@ def test_evaluate_commands_write_json(protocol, shards, tmp_path):
 def test_demo_command_returns_130_when_interrupted(monkeypatch):
     import mae_timm.commands.demo as demo_command
 
+    seen = []
     for interrupted, code in ((True, 130), (False, 0)):
-        monkeypatch.setattr(demo_command, "run_demo", lambda cfg, stop=interrupted: dict(interrupted=stop))
-        assert main(["demo"]) == code
+        monkeypatch.setattr(demo_command, "run_demo", lambda cfg, stop=interrupted: seen.append(cfg) or
+                            dict(interrupted=stop))
+        assert main(["demo", "--steps", "7", "--seeds", "3"]) == code
+    assert [(cfg.steps, cfg.seeds) for cfg in seen] == [(7, 3), (7, 3)]  # the options reach the demo's settings
 
 
 def test_export_and_visualize_commands(tmp_path, capsys):

@@ -91,8 +91,8 @@ def test_yaml_with_a_python_tag_is_refused(tmp_path, capsys):
     "protocol, options, expected",
     [
         ("knn", ["--eval-batch-size", "0"], ["--eval-batch-size", "is 0"]),
-        ("knn", ["--global-pool", "mean"], ["global_pool", "'mean'", "'avg'"]),
-        ("linprobe", ["--global-pool", "mean"], ["global_pool", "'avg'"]),
+        ("knn", ["--pool", "mean"], ["pool", "'mean'", "'avg'"]),
+        ("linprobe", ["--pool", "mean"], ["pool", "'avg'"]),
         ("finetune", ["--batch-size", "0"], ["batch_size", "is 0"]),
         ("finetune", ["--layer-decay", "-0.5"], ["layer_decay", "-0.5", "(0, 1]"]),
         ("finetune", ["--batch-size", "1"], ["mixup", "at least 2"]),  # mixup pairs samples: NaN every step

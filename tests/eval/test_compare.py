@@ -11,8 +11,12 @@ import torch
 from PIL import Image
 
 from mae_timm.cli import main
-from mae_timm.engine.eval import compare, holdout
-from mae_timm.engine.eval.compare_report import paired_verdict
+from mae_timm.engine.eval import splits
+from mae_timm.engine.eval.compare import CompareConfig, choose
+from mae_timm.engine.eval.compare import run as compare_run
+from mae_timm.engine.eval.compare.report import paired_verdict
+from mae_timm.engine.eval.features import extract_features, normalizer
+from mae_timm.utils import UserError
 
 ARMS = ("raw_pixels", "scratch", "mae")
 TINY = '{"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}'
@@ -49,7 +53,7 @@ def _compare(shards, out, *extra):
 def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     reads = []
-    load = holdout.load_split
+    load = compare_run.load_split
 
     def recording(data, split, *args):
         if split == "validation":  # the test split: every arm-seed's choices are on disk by now
@@ -59,7 +63,7 @@ def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards,
         reads.append(split)
         return load(data, split, *args)
 
-    monkeypatch.setattr(holdout, "load_split", recording)
+    monkeypatch.setattr(compare_run, "load_split", recording)
     assert _compare(shards, out) == 0
     assert reads == ["train", "validation"]  # each split decoded once
     result = json.loads((out / "compare.json").read_text())
@@ -86,7 +90,7 @@ def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards,
 
     # resuming: finished arm-seeds are not redone; a lost test result is measured again, nothing else
     (out / "runs" / "mae" / "seed1" / "test.json").unlink()
-    monkeypatch.setattr(compare, "pretrain", lambda cfg: pytest.fail("a finished arm-seed was pretrained again"))
+    monkeypatch.setattr(compare_run, "pretrain", lambda cfg: pytest.fail("a finished arm-seed was pretrained again"))
     reads.clear()
     assert _compare(shards, out) == 0
     assert reads == ["validation"]
@@ -99,7 +103,7 @@ def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards,
 
 
 def test_the_sealed_test_split_refuses_to_be_read_early():
-    split = holdout.SealedSplit(lambda: pytest.fail("decoded while sealed"))
+    split = splits.SealedSplit(lambda: pytest.fail("decoded while sealed"))
     with pytest.raises(RuntimeError, match="before every choice"):
         split.read()
 
@@ -149,15 +153,16 @@ def test_flat_pooling_keeps_every_patch_token_in_grid_order():
     import timm
 
     from mae_timm import create_timm_encoder
-    from mae_timm.engine.eval.common import normalizer
 
     model = timm.create_model("mae_vit_test").eval()  # 32 px, 8 px patches: 16 tokens of width 32, 2 blocks
     g = torch.Generator().manual_seed(0)
-    images = holdout.Images(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(3), 3)
+    images = splits.Images(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(3), 3)
     variants = [("flat", False), ("avg", False), ("flat", True), ("token", True), ("avg", True)]
     cpu = torch.device("cpu")
     norm = normalizer(model, cpu)
-    got = holdout.block_features(model, images, variants, 2, norm, cpu)
+    got, labels = extract_features(model, splits.MemoryLoader(images, 2, train=False), norm, cpu, variants, 2,
+                                   dtype=torch.float32)
+    assert torch.equal(labels, images.labels)
     encoder = create_timm_encoder(model, fc_norm=False).eval()
     with torch.no_grad():
         outs = encoder.forward_intermediates(norm(images.images), indices=2, norm=False, output_fmt="NLC",
@@ -179,10 +184,9 @@ def test_flat_pooling_keeps_every_patch_token_in_grid_order():
 def test_feature_candidates_of_each_pooling(pools, variants):
     import timm
 
-    cfg = compare.CompareConfig(data="x", pools=pools)
-    assert compare._variants(cfg, timm.create_model("mae_vit_test")) == variants
-    with pytest.raises(compare.UserError, match="pools must be among avg, token and flat"):
-        compare.CompareConfig(data="x", pools="avg,max")
+    assert choose.variants(pools.split(","), timm.create_model("mae_vit_test")) == variants
+    with pytest.raises(UserError, match="pools must be among avg, token and flat"):
+        CompareConfig(data="x", pools="avg,max")
 
 
 def test_a_split_decodes_in_an_order_set_by_its_images_alone(tmp_path):
@@ -191,7 +195,7 @@ def test_a_split_decodes_in_an_order_set_by_its_images_alone(tmp_path):
     for shards in (1, 4):
         assert main(["shards", "imagefolder", "--src", str(tmp_path / "images"), "--out", str(tmp_path / f"s{shards}"),
                      "--quiet", "--min-shards", str(shards)]) == 0
-    one = holdout.load_split(str(tmp_path / "s1"), "train", 16, 3, 0)
+    one = splits.load_split(str(tmp_path / "s1"), "train", 16, 3, 0)
     for shards, workers in ((4, 0), (4, 2), (1, 2)):
-        other = holdout.load_split(str(tmp_path / f"s{shards}"), "train", 16, 3, workers)
+        other = splits.load_split(str(tmp_path / f"s{shards}"), "train", 16, 3, workers)
         assert torch.equal(other.images, one.images) and torch.equal(other.labels, one.labels), (shards, workers)

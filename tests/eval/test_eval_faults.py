@@ -17,6 +17,7 @@ from mae_timm.engine.eval.finetune import FinetuneConfig, finetune_evaluate
 from mae_timm.engine.eval.knn import KnnConfig
 from mae_timm.engine.train.pretrain import pretrain
 from mae_timm.utils import NonFiniteLossError, UserError
+from tests.fakes import Batches
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_training_loops_stop_on_a_non_finite_loss():
     batch = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=rng), torch.arange(4))
     cfg = FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=4, mixup=0.0, cutmix=0.0)
     with pytest.raises(NonFiniteLossError, match="the training loss is nan"):
-        finetune_evaluate(model, [batch], [batch], 4, cfg, "cpu", log=lambda line: None)
+        finetune_evaluate(model, Batches([batch]), [batch], 4, cfg, "cpu", log=lambda line: None)
 
 
 def test_result_file_carries_skipped_counts(shards, tmp_path):

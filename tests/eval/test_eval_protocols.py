@@ -17,7 +17,6 @@ import mae_timm.engine.eval.knn as knn
 import mae_timm.engine.eval.linprobe as linprobe
 from mae_timm.data import GpuAugment, read_idx
 from mae_timm.demo import ASSETS
-from mae_timm.engine.eval.common import encoder_features
 from mae_timm.engine.eval.evaluate import (
     EvalData,
     FinetuneConfig,
@@ -25,13 +24,30 @@ from mae_timm.engine.eval.evaluate import (
     LinprobeConfig,
     evaluate_frozen,
     evaluate_model,
+    extract_features,
     finetune_evaluate,
-    knn_evaluate,
+    frozen_features,
+    knn_on_features,
     knn_scores,
-    linprobe_evaluate,
+    linprobe_on_features,
     topk_accuracy,
 )
 from mae_timm.utils import NonFiniteLossError, UserError
+from tests.fakes import Batches
+
+
+def knn_evaluate(model, train, val, num_classes, cfg, device):
+    """kNN of a model's frozen features, through the package's API (what `mae-timm knn` runs)."""
+    cached = frozen_features(model, train, val, device, pool=cfg.pool, final_norm=cfg.final_norm,
+                             blocks=cfg.feature_blocks)
+    return knn_on_features(*cached, num_classes, cfg, device)
+
+
+def linprobe_evaluate(model, train, val, num_classes, cfg, device):
+    """The linear probe of a model's frozen features, through the package's API (what `mae-timm linprobe` runs)."""
+    cached = frozen_features(model, train, val, device, pool=cfg.pool, final_norm=cfg.final_norm,
+                             blocks=cfg.feature_blocks)
+    return linprobe_on_features(*cached, num_classes, cfg, device)
 
 CREATE_OPTIMIZER = finetune.create_optimizer_v2  # the real one, for tests that wrap it
 LINPROBE_OPTIMIZER = linprobe.create_optimizer_v2
@@ -132,7 +148,7 @@ def test_finetune_two_steps_with_layer_decay_mixup_and_drop_path(separable, monk
     cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, drop_path_rate=0.2, mixup=0.8,
                          full_recipe_updates=2)  # two updates get the full recipe
     logs = []
-    result = finetune_evaluate(model, train[:2], val, 4, cfg, "cpu", log=logs.append)
+    result = finetune_evaluate(model, Batches(train[:2]), val, 4, cfg, "cpu", log=logs.append)
     num_val = sum(len(labels) for _, labels in val)
     assert result["top1"] in [100 * i / num_val for i in range(num_val + 1)] and math.isfinite(result["train_loss"])
     assert len(result["history"]) == 1 and logs[0]["epoch"] == 1 and "best_top1" not in result
@@ -164,7 +180,7 @@ def test_finetune_fc_norm_starts_from_the_trained_norm_and_head_near_zero(separa
 
     monkeypatch.setattr(finetune, "create_optimizer_v2", create_optimizer)
     cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0, mixup=0.0, cutmix=0.0)
-    finetune_evaluate(model, train[:1], val[:1], 4, cfg, "cpu", log=lambda _: None)
+    finetune_evaluate(model, Batches(train[:1]), val[:1], 4, cfg, "cpu", log=lambda _: None)
     torch.testing.assert_close(seen["fc_norm"], model.norm.weight.detach())  # a documented deviation
     assert 1e-5 < seen["head"].std() < 4e-5 and not seen["bias"].any()  # trunc_normal_(std=2e-5), bias 0
 
@@ -183,7 +199,7 @@ def test_finetune_crops_and_flips_training_batches_on_the_device(separable, monk
     monkeypatch.setattr(GpuAugment, "crop_and_flip", recorded)
     cfg = FinetuneConfig(epochs=2, batch_size=16, warmup_epochs=0, mixup=0.0, cutmix=0.0, crop_scale_min=0.5,
                          full_recipe_updates=8)  # 4 updates: half the recipe, crops of (1 - 0.5 * 0.5, 1)
-    finetune_evaluate(timm.create_model("mae_vit_test"), train[:2], val[:1], 4, cfg, "cpu", log=lambda _: None)
+    finetune_evaluate(timm.create_model("mae_vit_test"), Batches(train[:2]), val[:1], 4, cfg, "cpu", log=lambda _: None)
     assert crops == [(torch.Size([16, 3, 32, 32]), (0.75, 1.0), 32)] * 4  # 2 epochs x 2 training batches
 
 
@@ -196,7 +212,8 @@ def test_finetune_is_reproducible_under_its_seed(separable):
         torch.manual_seed(0)  # the same pretext model
         model = timm.create_model("mae_vit_test")
         torch.manual_seed(global_seed)  # a different global state before each run: cfg.seed must take over
-        losses.append(finetune_evaluate(model, train[:2], val[:1], 4, cfg, "cpu", log=lambda _: None)["train_loss"])
+        result = finetune_evaluate(model, Batches(train[:2]), val[:1], 4, cfg, "cpu", log=lambda _: None)
+        losses.append(result["train_loss"])
     assert losses[0] == losses[1]
 
 
@@ -231,27 +248,39 @@ def test_unlabelled_samples_are_a_clear_error(protocol, split, separable):
                finetune=FinetuneConfig(epochs=1, warmup_epochs=0, mixup=0.0))
     run = dict(knn=knn_evaluate, linprobe=linprobe_evaluate, finetune=finetune_evaluate)[protocol]
     with pytest.raises(ValueError, match="unlabelled samples"):
-        run(timm.create_model("mae_vit_test"), train, val, 4, cfg[protocol], "cpu")
+        run(timm.create_model("mae_vit_test"), Batches(train), val, 4, cfg[protocol], "cpu")
 
 
 @pytest.mark.parametrize("warmup_epochs", [2, 10, -1])
 def test_warmup_not_below_the_epochs_is_an_error(warmup_epochs, separable):
-    """The one warmup rule (runtime.check_warmup): 0 <= warmup < epochs, else a one-line error before any work."""
+    """The one warmup rule (check_warmup): 0 <= warmup < epochs, else a one-line error before any work."""
     train, val = separable
     model = timm.create_model("mae_vit_test")
     match = f"warmup of {warmup_epochs} epochs must be at least 0 and below the 2 epochs"
     with pytest.raises(UserError, match=match):
         linprobe_evaluate(model, train, val, 4, LinprobeConfig(epochs=2, warmup_epochs=warmup_epochs), "cpu")
     if warmup_epochs < 0:  # the fine-tune caps its warmup at a part of the run: only a negative one is wrong
-        with pytest.raises(UserError, match="warmup_epochs must be >= 0"):
-            finetune_evaluate(model, train, val, 4, FinetuneConfig(epochs=2, warmup_epochs=warmup_epochs), "cpu")
+        with pytest.raises(UserError, match="warmup_epochs"):
+            FinetuneConfig(epochs=2, warmup_epochs=warmup_epochs)
 
 
-def test_warmup_of_all_but_one_epoch_trains(separable):
+def test_warmup_of_all_but_one_epoch_trains(separable, monkeypatch):
+    """Warmup 1 of 2 epochs: the lr rises from 0 over the first epoch's updates, then decays."""
     train, val = separable
-    cfg = LinprobeConfig(epochs=2, batch_size=16, warmup_epochs=1)
+    lrs = []
+    step = linprobe.optimizer_step
+
+    def recording(optimizer, loss, module, clip_grad=None):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        step(optimizer, loss, module, clip_grad)
+
+    monkeypatch.setattr(linprobe, "optimizer_step", recording)
+    cfg = LinprobeConfig(epochs=2, batch_size=16, blr=1.0, warmup_epochs=1)
     result = linprobe_evaluate(timm.create_model("mae_vit_test"), train, val, 4, cfg, "cpu")
-    assert math.isfinite(result["train_loss"])
+    per_epoch, peak = len(lrs) // 2, 16 / 256
+    assert lrs[0] == 0.0 and lrs[:per_epoch] == sorted(lrs[:per_epoch]) and max(lrs) <= peak + 1e-9
+    assert lrs[per_epoch] == pytest.approx(peak) and lrs[per_epoch:] == sorted(lrs[per_epoch:], reverse=True)
+    assert math.isfinite(result["train_loss"]) and len(lrs) == 2 * per_epoch
 
 
 def test_linear_probe_is_batchnorm_without_affine_and_lars(separable, monkeypatch):
@@ -281,15 +310,22 @@ def test_features_pool_the_last_blocks_the_same_way_for_every_model(name):
     x = torch.randn(3, 3, 32, 32)
     encoder = mae_timm.create_timm_encoder(model, global_pool="avg", fc_norm=False).eval()
     with torch.no_grad():
-        one = encoder_features(model, "avg", 1)(x)
-        torch.testing.assert_close(one, encoder.forward_head(encoder.forward_features(x), pre_logits=True))
-        two = encoder_features(model, "avg", 2)(x)
+        expected = encoder.forward_head(encoder.forward_features(x), pre_logits=True)
+    identity = torch.nn.Identity()
+    batches = [(x, torch.arange(3))]
+
+    def features(pool, blocks):
+        got, _ = extract_features(model, batches, identity, torch.device("cpu"), [(pool, True)], blocks, torch.float32)
+        return got[(pool, True)].flatten(1)
+
+    one, two = features("avg", 1), features("avg", 2)
+    torch.testing.assert_close(one, expected)
     assert two.shape == (3, 2 * one.shape[1]) and torch.equal(two[:, one.shape[1]:], one)  # the last block last
-    if getattr(encoder, "cls_token", None) is None:
+    if not encoder.has_class_token:
         with pytest.raises(UserError, match="no class token"):
-            encoder_features(model, "token", 1)
+            features("token", 1)
     with pytest.raises(UserError, match="feature_blocks must be in 1..2"):
-        encoder_features(model, "avg", 3)
+        features("avg", 3)
 
 
 def test_knn_reports_top1_at_several_k():
@@ -336,7 +372,7 @@ def test_short_finetune_of_a_random_init_beats_chance_and_plain_adamw():
     for name, cfg in (("recipe", FinetuneConfig(epochs=2, batch_size=64)), ("plain", plain)):
         torch.manual_seed(0)  # the same random init for both
         model = timm.create_model("mae_vit_test", **TINY_VIT)
-        results[name] = finetune_evaluate(model, train, val, 10, cfg, "cpu", log=lambda _: None)["top1"]
+        results[name] = finetune_evaluate(model, Batches(train), val, 10, cfg, "cpu", log=lambda _: None)["top1"]
     assert results["recipe"] > 25.0, results  # chance is 10 %
     assert results["recipe"] >= results["plain"] - 1.0, results  # one point: seed noise of 500 test images
 
@@ -347,6 +383,7 @@ def test_non_finite_loss_stops_the_finetune(separable):
     model = timm.create_model("mae_vit_test")
     with torch.no_grad():
         model.patch_embed.proj.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="loss is nan") as error:  # eval_setup.optimizer_step's stop
-        finetune_evaluate(model, train, val, 4, FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0), "cpu")
+    cfg = FinetuneConfig(epochs=1, batch_size=16, warmup_epochs=0)
+    with pytest.raises(NonFiniteLossError, match="loss is nan") as error:  # optim.optimizer_step's stop
+        finetune_evaluate(model, Batches(train), val, 4, cfg, "cpu")
     assert "\n" not in str(error.value)

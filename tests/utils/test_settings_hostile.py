@@ -26,9 +26,9 @@ def test_hostile_yaml_is_refused_in_one_line(text, message, tmp_path):
 
 
 def test_mask_ratio_zero_is_refused():  # it trained to a loss of exactly 0
-    with pytest.raises(UserError, match="mask_ratio"):
-        PretrainConfig(mask_ratio=0.0)
-    assert PretrainConfig(mask_ratio=0.5).mask_ratio == 0.5
+    for bad in (0.0, 1.0, -0.1, 1.5, float("nan")):  # (0, 1): something masked, something kept
+        with pytest.raises(UserError, match=r"mask_ratio \(--mask-ratio\) is .*; it must be in \(0, 1\)"):
+            PretrainConfig(mask_ratio=bad)
 
 
 def test_command_line_nan_is_refused():

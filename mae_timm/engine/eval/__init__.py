@@ -1,2 +1,2 @@
-"""Evaluation of a pretrained encoder: kNN, linear probe and fine-tuning beside the raw-pixel and scratch
-baselines; ``evaluate.py`` holds the entry points."""
+"""Evaluation of a pretrained encoder: splits, one feature extractor, the protocols (kNN, linear probe, fine-tune)
+and their optimisation helpers, shared by ``mae-timm knn / linprobe / finetune`` (``evaluate``) and by ``compare``."""

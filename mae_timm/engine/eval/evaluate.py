@@ -1,20 +1,11 @@
-"""Evaluation of a pretrained encoder: kNN, linear probe and fine-tuning, as in the MAE paper (He et al., 2021).
+"""The entry points of ``mae-timm knn / linprobe / finetune``: a checkpoint's encoder on labelled shards.
 
-One protocol per file, one shared setup:
-
-- :mod:`mae_timm.engine.eval.knn`: weighted kNN on frozen features;
-- :mod:`mae_timm.engine.eval.linprobe`: BatchNorm + linear head on frozen features;
-- :mod:`mae_timm.engine.eval.finetune`: the whole encoder + a new head;
-- :mod:`mae_timm.engine.eval.baselines`: raw pixels (kNN, linear probe) and scratch (fine-tune), the same protocols;
-- :mod:`mae_timm.engine.eval.common`: the encoder from the pretext-model contract, normalisation and device-side
-  augmentation, feature extraction, accuracy, and the opening, schedule and step of the protocols that train;
-- this module: the entry points. :func:`evaluate_model` resolves the device, builds the loaders over labelled
-  shards and runs a protocol; :func:`evaluate_frozen` runs kNN and the linear probe on one feature pass, of the
-  encoder or of raw pixels; :func:`evaluate_checkpoint` evaluates a checkpoint, writes ``<protocol>.json`` and
-  appends its per-epoch records to the run's ``eval_metrics.jsonl``.
-
-Settings are the dataclasses in :mod:`mae_timm.engine.config` (``EvalData`` and one per protocol, in
-:data:`PROTOCOLS`); they are re-exported here with the protocols' public functions.
+:func:`evaluate_model` resolves the device, builds the loaders over the shards and runs a protocol;
+:func:`evaluate_frozen` runs kNN and the linear probe on one pass of :func:`~mae_timm.engine.eval.features.
+frozen_features` (the encoder's or the raw pixels'); :func:`evaluate_checkpoint` evaluates a checkpoint, writes
+``<protocol>.json`` and appends its per-epoch records to the run's ``eval_metrics.jsonl``. Settings are
+:class:`EvalData` and one dataclass per protocol (:data:`PROTOCOLS`); ``mae-timm compare`` runs the same protocol
+functions on features of the same extractor.
 """
 
 from __future__ import annotations
@@ -28,17 +19,11 @@ from pathlib import Path
 import torch.nn as nn
 
 from mae_timm.data import create_loader
-from mae_timm.engine.eval.baselines import RawPixels, scratch_model
-from mae_timm.engine.eval.common import (
-    encoder_features,
-    extract_features,
-    frozen_features,
-    normalizer,
-    topk_accuracy,
-)
+from mae_timm.engine.eval.features import extract_features, frozen_features
 from mae_timm.engine.eval.finetune import FinetuneConfig, finetune_evaluate
-from mae_timm.engine.eval.knn import KnnConfig, knn_evaluate, knn_on_features, knn_scores
-from mae_timm.engine.eval.linprobe import LinprobeConfig, linprobe_evaluate, linprobe_on_features
+from mae_timm.engine.eval.knn import KnnConfig, knn_on_features, knn_scores
+from mae_timm.engine.eval.linprobe import LinprobeConfig, linprobe_on_features
+from mae_timm.engine.eval.optim import topk_accuracy
 from mae_timm.utils import UserError, atomic_write, resolve_device
 from mae_timm.utils.settings import at_least, check_settings
 
@@ -49,14 +34,12 @@ __all__ = [
     "LinprobeConfig",
     "FinetuneConfig",
     "extract_features",
+    "frozen_features",
     "knn_scores",
     "topk_accuracy",
-    "knn_evaluate",
-    "linprobe_evaluate",
     "finetune_evaluate",
     "knn_on_features",
     "linprobe_on_features",
-    "scratch_model",
     "evaluate_model",
     "evaluate_frozen",
     "JsonlLog",
@@ -134,16 +117,16 @@ def evaluate_frozen(
     """
     _check_splits(data)
     cfgs = {name: cfg for name, cfg in (("knn", knn), ("linprobe", linprobe)) if cfg is not None}
-    pools = {(cfg.global_pool, cfg.feature_blocks) for cfg in cfgs.values()}
+    pools = {(cfg.pool, cfg.final_norm, cfg.feature_blocks) for cfg in cfgs.values()}
     if len(pools) > 1 and not raw_pixels:
         raise UserError(f"kNN and linear probe share one feature pass; their pooling differs: {sorted(pools)}")
     device = resolve_device(data.device)
     train_loader, val_loader = create_loaders(model, data)
     num_classes = _num_classes(train_loader, data)
     start = time.perf_counter()
-    global_pool, blocks = pools.pop()
-    features = RawPixels() if raw_pixels else encoder_features(model, global_pool, blocks)
-    cached = frozen_features(features, normalizer(model, device), train_loader, val_loader, device)
+    pool, final_norm, blocks = pools.pop()
+    cached = frozen_features(model, train_loader, val_loader, device, pool=pool, final_norm=final_norm,
+                             blocks=blocks, raw_pixels=raw_pixels)
     feature_seconds = round(time.perf_counter() - start, 1)
     results = {}
     for name, cfg in cfgs.items():

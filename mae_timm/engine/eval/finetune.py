@@ -28,21 +28,12 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
 import mae_timm
-from mae_timm.engine.eval.common import (
-    GLOBAL_POOLS,
-    cosine_schedule,
-    labelled,
-    normalizer,
-    optimizer_step,
-    predict,
-    progress,
-    start_training,
-    topk_accuracy,
-    warmup_updates,
-)
+from mae_timm.engine.eval.features import labelled, normalizer, predict, progress
+from mae_timm.engine.eval.optim import cosine_schedule, optimizer_step, start_training, topk_accuracy, warmup_updates
 from mae_timm.engine.export import check_export_folder, loader_label_names, save_finetuned
+from mae_timm.engine.train.loop import EpochLoader
 from mae_timm.utils import UserError, autocast, autocast_dtype
-from mae_timm.utils.settings import above, at_least, check_settings, fraction
+from mae_timm.utils.settings import above, at_least, check_settings, fraction, one_of
 
 __all__ = ["create_classifier", "finetune_evaluate", "recipe_strength"]
 
@@ -62,8 +53,8 @@ class FinetuneConfig:
     batch_size: int = 128  # per step
     blr: float = 1e-3  # lr = blr * batch_size / 256 (MAE paper: 5e-4 for ViT-B at batch 1024)
     min_lr: float = 1e-6  # end of the cosine schedule
-    warmup_epochs: int = 5  # linear warmup, then cosine; must be below epochs (utils.settings.check_warmup)
-    max_warmup_fraction: float = 0.1  # a short run warms up for at most this part of its updates
+    warmup_epochs: int = 5  # linear warmup from min_lr, then cosine (capped by max_warmup_fraction)
+    max_warmup_fraction: float = 0.1  # a run warms up for at most this part of its updates (in [0, 1))
     weight_decay: float = 0.05  # AdamW decoupled weight decay (MAE fine-tune recipe: 0.05)
     layer_decay: float = 0.75  # lr of block i is lr * layer_decay ** (depth + 1 - i)
     drop_path_rate: float = 0.1  # at the full recipe (scaled by r)
@@ -85,7 +76,7 @@ class FinetuneConfig:
     # defaults it to <out>/finetuned
     save_dir: str | None = None
 
-    def __post_init__(self):  # epochs and warmup: the one warmup rule, when fine-tuning starts
+    def __post_init__(self):
         check_settings(self, _FINETUNE_RULES)
         if self.rand_augment:  # timm parses the string only when the transform is built: fail before training
             try:
@@ -98,10 +89,13 @@ class FinetuneConfig:
                             "samples, so it must be at least 2 (or set --mixup 0 --cutmix 0)")
 
 
+# timm VisionTransformer's poolings ('': none), the choices of a classifier's global_pool
+GLOBAL_POOLS = one_of("", "avg", "avgmax", "max", "token", "map", "prr")
 _FINETUNE_RULES = dict(
     batch_size=at_least(1), blr=above(0), min_lr=at_least(0), weight_decay=at_least(0),
     layer_decay=fraction(one=True), drop_path_rate=fraction(zero=True), label_smoothing=fraction(zero=True),
-    mixup=at_least(0), cutmix=at_least(0), global_pool=GLOBAL_POOLS, crop_scale_min=fraction(one=True),
+    mixup=at_least(0), cutmix=at_least(0), global_pool=GLOBAL_POOLS, warmup_epochs=at_least(0),
+    max_warmup_fraction=fraction(zero=True), crop_scale_min=fraction(one=True),
     clip_grad=above(0), tune_last_blocks=at_least(0), reprob=fraction(zero=True, one=True),
     full_recipe_updates=at_least(1),
 )
@@ -178,7 +172,7 @@ def print_record(record: dict) -> None:
 
 def finetune_evaluate(
     model: nn.Module,
-    train_loader: Iterable,
+    train_loader: EpochLoader,
     val_loader: Iterable,
     num_classes: int,
     cfg: FinetuneConfig,
@@ -195,13 +189,11 @@ def finetune_evaluate(
     ``on_epoch(classifier, record)`` is called after each epoch's evaluation (e.g. to keep the best state when
     ``val_loader`` is a hold-out of the training split).
     """
-    if cfg.warmup_epochs < 0 or not 0 <= cfg.max_warmup_fraction < 1:
-        raise UserError(f"fine-tune warmup_epochs must be >= 0 and max_warmup_fraction in [0, 1), got "
-                        f"{cfg.warmup_epochs} and {cfg.max_warmup_fraction}")
     if cfg.save_dir is not None:  # refused before training, not after it (the result would be lost)
         for name in ("last", "best"):
             check_export_folder(f"{cfg.save_dir}/{name}")
-    # the warmup is capped at a fraction of the run (warmup_updates), so it always leaves a cosine decay
+    # the warmup is capped at a fraction of the run (warmup_updates), below the run: the warmup rule holds for any
+    # warmup_epochs, so none is checked against epochs here
     device = start_training(cfg.epochs, 0, cfg.seed, device)
     steps_per_epoch = len(train_loader)
     total = cfg.epochs * steps_per_epoch
@@ -229,8 +221,7 @@ def finetune_evaluate(
     history = []
     step = 0
     for epoch in range(cfg.epochs):
-        if hasattr(train_loader, "set_epoch"):  # a ShardLoader: shuffling per epoch; plain lists of batches too
-            train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch)  # the epoch's shuffle
         classifier.train()
         for imgs, targets in labelled(progress(train_loader, f"finetune epoch {epoch + 1}/{cfg.epochs}"), "training"):
             if rand_augment is not None:

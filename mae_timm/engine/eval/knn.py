@@ -1,6 +1,7 @@
 """kNN accuracy of frozen features (Wu et al. 2018, as used by DINO).
 
-Cosine similarity of L2-normalised features (:func:`~mae_timm.engine.eval.common.encoder_features`, or raw pixels);
+Cosine similarity of L2-normalised features (:func:`~mae_timm.engine.eval.features.extract_features`: an encoder's
+or the raw pixels);
 the ``k`` nearest training samples vote for their class with weight ``exp(similarity / temperature)``. The memory
 bank and the queries sit on the evaluation device. Top-1 is also reported for every k in ``KnnConfig.report_k``
 (one neighbour search serves all of them).
@@ -8,18 +9,19 @@ bank and the queries sit on the evaluation device. Top-1 is also reported for ev
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_timm.engine.eval.common import GLOBAL_POOLS, encoder_features, frozen_features, normalizer, topk_accuracy
+from mae_timm.engine.eval.features import POOLS
+from mae_timm.engine.eval.optim import topk_accuracy
 from mae_timm.utils import UserError
-from mae_timm.utils.settings import check_settings
+from mae_timm.utils.settings import check_settings, one_of
 
-__all__ = ["knn_evaluate", "knn_on_features", "knn_scores", "standardized"]
+__all__ = ["FROZEN_POOLS", "KnnConfig", "knn_on_features", "knn_scores", "standardized"]
+
+FROZEN_POOLS = one_of(*POOLS)  # the poolings of frozen features (kNN, linear probe)
 
 
 @dataclass
@@ -29,14 +31,17 @@ class KnnConfig:
     k: int = 20  # neighbours that vote (the reported top1 / top5)
     temperature: float = 0.07  # a neighbour's vote is exp(cosine similarity / temperature)
     report_k: tuple[int, int, int] = (10, 20, 200)  # also report top-1 at these k (top1_by_k), from the same search
-    global_pool: str = "avg"  # 'avg': mean of the patch tokens (every model has them); 'token': the class token
-    feature_blocks: int = 1  # concatenate the pooled tokens of the last N blocks (each through the final norm)
+    # avg: mean of the patch tokens (every model has them); token: the class token; flat: the patch tokens in grid
+    # order (patches x width features, the spatial layout kept)
+    pool: str = "avg"
+    final_norm: bool = True  # each block's tokens through the encoder's final LayerNorm before pooling
+    feature_blocks: int = 1  # concatenate the pooled tokens of the last N blocks
     # standardise every feature dimension with the memory bank's mean and std before the cosine (train statistics;
     # for raw pixels: per-pixel standardisation)
     standardize: bool = False
 
-    def __post_init__(self):  # k and temperature: knn_evaluate checks them
-        check_settings(self, dict(global_pool=GLOBAL_POOLS))
+    def __post_init__(self):  # k and temperature: knn_on_features checks them
+        check_settings(self, dict(pool=FROZEN_POOLS))
 
 
 @torch.no_grad()
@@ -55,7 +60,7 @@ def knn_scores(
     ``k`` a tuple: ``{k: scores (Q, num_classes)}`` for each, from one search of the ``max(k)`` nearest.
     """
     ks = (k,) if isinstance(k, int) else tuple(k)
-    bank = F.normalize(train_features.float(), dim=1)
+    bank = torch.cat([F.normalize(chunk.float(), dim=1) for chunk in train_features.split(chunk_size)])
     nearest = min(max(ks), bank.shape[0])
     scores = {each: [] for each in ks}
     for queries in F.normalize(query_features.float(), dim=1).split(chunk_size):
@@ -103,13 +108,3 @@ def knn_on_features(
         topk_accuracy(scores[cfg.k].cpu(), val_labels), top1_by_k=by_k, feature_dim=train_features.shape[1],
         num_train=len(train_labels), num_val=len(val_labels),
     )
-
-
-def knn_evaluate(
-    model: nn.Module, train_loader: Iterable, val_loader: Iterable, num_classes: int, cfg: KnnConfig, device
-) -> dict:
-    """kNN accuracy of a pretext model's encoder on ``val_loader`` with ``train_loader`` as the memory bank."""
-    device = torch.device(device)
-    features = encoder_features(model, cfg.global_pool, cfg.feature_blocks)
-    cached = frozen_features(features, normalizer(model, device), train_loader, val_loader, device)
-    return knn_on_features(*cached, num_classes, cfg, device)

@@ -10,7 +10,7 @@ RandomResizedCrop per epoch through the frozen encoder); see docs/evaluation.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,22 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-from mae_timm.engine.eval.common import (
-    GLOBAL_POOLS,
-    cosine_schedule,
-    encoder_features,
-    frozen_features,
-    normalizer,
-    optimizer_step,
-    progress,
-    start_training,
-    topk_accuracy,
-    warmup_updates,
-)
+from mae_timm.engine.eval.features import progress
+from mae_timm.engine.eval.knn import FROZEN_POOLS
+from mae_timm.engine.eval.optim import cosine_schedule, optimizer_step, start_training, topk_accuracy, warmup_updates
 from mae_timm.utils import UserError
 from mae_timm.utils.settings import above, at_least, check_settings, fraction
 
-__all__ = ["lars_optimizer", "linear_head", "linprobe_evaluate", "linprobe_on_features"]
+__all__ = ["LinprobeConfig", "lars_optimizer", "linear_head", "linprobe_on_features"]
 
 
 @dataclass
@@ -42,19 +33,20 @@ class LinprobeConfig:
 
     epochs: int = 90  # MAE paper: 90 epochs
     batch_size: int = 1024  # head batch size over cached features
-    # lr = blr * batch_size / 256 with LARS (MAE paper: blr 0.1 at batch 16384, lr 6.4); at batch 1024 blr 1.0
-    # (lr 4) was best of 0.1 / 1.0 / 3.0 on raw Fashion-MNIST pixels, 30 epochs, 50k train / 10k held-out train
+    # lr = blr * batch_size / 256 with LARS (MAE paper: blr 0.1 at batch 16384); `mae-timm compare` chooses it on
+    # a hold-out
     blr: float = 1.0
     momentum: float = 0.9  # LARS / SGD momentum (MAE linear probe: 0.9)
     weight_decay: float = 0.0  # MAE paper: no weight decay for the probe
-    warmup_epochs: int = 10  # linear warmup, then cosine to 0; must be below epochs (runtime.check_warmup)
-    global_pool: str = "avg"  # as KnnConfig.global_pool
+    warmup_epochs: int = 10  # linear warmup, then cosine to 0; must be below epochs
+    pool: str = "avg"  # as KnnConfig.pool: avg, token or flat
+    final_norm: bool = True  # as KnnConfig.final_norm
     feature_blocks: int = 1  # as KnnConfig.feature_blocks
     seed: int = 0  # head init and batch order
 
     def __post_init__(self):  # epochs and warmup: the one warmup rule, when the probe starts
         check_settings(self, dict(batch_size=at_least(2), blr=above(0), momentum=fraction(zero=True),
-                                  weight_decay=at_least(0), global_pool=GLOBAL_POOLS))
+                                  weight_decay=at_least(0), pool=FROZEN_POOLS))
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -105,32 +97,15 @@ def linprobe_on_features(
                 continue
             scheduler.step_update(step)
             batch = batch.to(device)
-            loss = F.cross_entropy(head(train_features[batch]), train_labels[batch])
+            loss = F.cross_entropy(head(train_features[batch].float()), train_labels[batch])
             optimizer_step(optimizer, loss, head)
             step += 1
         if log is not None:
             log(dict(protocol="linprobe", epoch=epoch + 1, epochs=cfg.epochs, train_loss=loss.item()))
     head.eval()
     with torch.no_grad():
-        scores = head(val_features.to(device)).cpu()
+        scores = torch.cat([head(chunk.to(device).float()).cpu() for chunk in val_features.split(4096)])
     return dict(
         topk_accuracy(scores, val_labels), train_loss=loss.item(), feature_dim=train_features.shape[1],
         num_train=len(train_labels), num_val=len(val_labels),
     )
-
-
-def linprobe_evaluate(
-    model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable,
-    num_classes: int,
-    cfg: LinprobeConfig,
-    device,
-    *,
-    log: Callable[[dict], None] | None = None,
-) -> dict:
-    """Linear-probe accuracy of a pretext model's frozen encoder (features extracted once, cached)."""
-    device = start_training(cfg.epochs, cfg.warmup_epochs, cfg.seed, device)
-    features = encoder_features(model, cfg.global_pool, cfg.feature_blocks)
-    cached = frozen_features(features, normalizer(model, device), train_loader, val_loader, device)
-    return linprobe_on_features(*cached, num_classes, cfg, device, log=log)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import signal
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 from mae_timm.data import DataError
 from mae_timm.engine.train.distributed import DistInfo
@@ -62,7 +64,28 @@ def run(trainer: Trainer, batches, output: RunOutput | None, stop: StopRequest, 
     return step, read.loss, False
 
 
-def update_batches(loader, start: int, total: int, updates_per_epoch: int, accum_steps: int, seed: int, rank: int):
+@runtime_checkable
+class EpochLoader(Protocol):
+    """What the pretraining loop and the fine-tune read: batches of one epoch, the epoch's order set by
+    :meth:`set_epoch`, and ``len`` (the batches every epoch holds). Shard loaders, the in-memory split of
+    ``mae_timm.engine.eval.splits`` and the synthetic data honour it."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+@runtime_checkable
+class ResumableLoader(EpochLoader, Protocol):
+    """An :class:`EpochLoader` that starts an epoch at a batch without decoding the ones before it."""
+
+    def iter_from(self, start: int) -> Iterator: ...
+
+
+def update_batches(loader: EpochLoader, start: int, total: int, updates_per_epoch: int, accum_steps: int, seed: int,
+                   rank: int):
     """``(step, micro-batches)`` for the updates ``start .. total - 1``, epoch after epoch.
 
     Epoch ``e`` reads the loader's ``(seed, e)`` order; starting mid-epoch skips the batches already consumed. The
@@ -75,7 +98,10 @@ def update_batches(loader, start: int, total: int, updates_per_epoch: int, accum
         seed_everything(derive_seed(seed, rank, EPOCH_STREAM, epoch))
         loader.set_epoch(epoch)
         skip = done * accum_steps
-        batches = loader.iter_from(skip) if hasattr(loader, "iter_from") else itertools.islice(iter(loader), skip, None)
+        if isinstance(loader, ResumableLoader):
+            batches = loader.iter_from(skip)
+        else:  # read and drop the batches already consumed
+            batches = itertools.islice(iter(loader), skip, None)
         end = min(total, (epoch + 1) * updates_per_epoch)
         for update in range(step, end):
             micro_batches = [imgs for imgs, _ in itertools.islice(batches, accum_steps)]

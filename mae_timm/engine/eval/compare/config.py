@@ -7,13 +7,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mae_timm.engine.eval.compare.arms import Arm, parse_arms
+from mae_timm.engine.eval.features import POOLS
 from mae_timm.utils import UserError
 
-__all__ = ["BUILTIN_ARMS", "CompareConfig", "check_same_settings", "split_ints"]
-
-# arm -> registered pretext model; scratch is the mae architecture at random init, raw_pixels the input itself
-BUILTIN_ARMS = {"mae": "mae_vit_tiny_patch8_64", "early_mask": "mae_vit_tiny_early_mask", "apl": "apl_vit_tiny_64",
-                "scratch": "mae_vit_tiny_patch8_64", "raw_pixels": None}
+__all__ = ["CompareConfig", "check_same_settings", "split_ints"]
 
 
 def split_ints(text: str) -> list[int]:
@@ -25,8 +23,10 @@ class CompareConfig:
     """Arms x seeds x protocols (kNN, linear probe, fine-tune, partial fine-tune) with hold-out choices."""
 
     data: str | None = None  # shard directory from `mae-timm shards` (labelled train and test splits, _info.json)
-    # comma-separated arms: raw_pixels, scratch, mae, early_mask, apl, or pretext:timm_vit (mae:vit_small_patch16_224);
-    # a suffix @compute gives that arm the FLOPs of --updates mae updates instead of --updates updates
+    # comma-separated arms, or an arms YAML file: raw_pixels, scratch, mae, early_mask, apl, or pretext:timm_vit
+    # (mae:vit_small_patch16_224); {setting=value,...} sets this arm's recipe (mask_ratio, blr, batch_size,
+    # crop_scale_min, warmup_fraction, norm_pix_loss, or a keyword of its model such as decoder_depth); @compute
+    # gives the arm the FLOPs of --updates mae updates, @wall their wall time on this machine (measured rates)
     arms: str = "raw_pixels,scratch,mae"
     updates: int = 2000  # pretraining updates of every pretrained arm (the equal-updates budget)
     seeds: int = 3  # seeds 0..S-1 of every arm (pretraining, probe, fine-tune draws)
@@ -73,20 +73,14 @@ class CompareConfig:
             values = split_ints(getattr(self, name))
             if not values or min(values) < 1:
                 raise UserError(f"{name} must be comma-separated integers >= 1, got {getattr(self, name)!r}")
-        if not set(self.pools.split(",")) <= {"avg", "token", "flat"}:
-            raise UserError(f"pools must be among avg, token and flat, got {self.pools!r}")
-        for arm in self.arm_names():
-            base = arm.split("@")[0]
-            if base not in BUILTIN_ARMS and ":" not in base or arm.endswith("@") or "@" in arm and not arm.endswith(
-                    "@compute"):
-                raise UserError(f"unknown arm {arm!r}; choose from {', '.join(BUILTIN_ARMS)} or pretext:encoder, "
-                                "optionally with @compute")
+        if not self.pools or not set(self.pools.split(",")) <= set(POOLS):
+            raise UserError(f"pools must be among {', '.join(POOLS[:-1])} and {POOLS[-1]}, got {self.pools!r}")
+        self._arms = parse_arms(self.arms)
 
-    def arm_names(self) -> list[str]:
-        names = [a.strip() for a in self.arms.split(",") if a.strip()]
-        if not names:
-            raise UserError("--arms names no arm")
-        return names
+    @property
+    def arm_list(self) -> list[Arm]:
+        """The arms, parsed once when the settings are read."""
+        return self._arms
 
 
 # what a resumed compare may change: which arm-seeds run and where, not what they measure

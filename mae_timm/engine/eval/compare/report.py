@@ -82,11 +82,12 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f}{spread} ({' / '.join(f'{v:.2f}' for v in values)})"
 
 
-def write_report(cfg, info: dict, flops: dict, choices: dict, results: dict, *, wall_s: float, cpu_s: float,
+def write_report(cfg, info: dict, rates: dict, choices: dict, results: dict, *, wall_s: float, cpu_s: float,
                  device: str) -> dict:
     """Write compare.json, compare.md and accuracy_vs_updates.png into ``cfg.out``; returns the JSON payload."""
     out = Path(cfg.out)
-    arms = cfg.arm_names()
+    arms = [arm.name for arm in cfg.arm_list]
+    flops = {name: rate["flops_per_update"] for name, rate in rates.items()}
     seeds = list(range(cfg.seeds))
     table = {}
     for arm in arms:
@@ -103,7 +104,8 @@ def write_report(cfg, info: dict, flops: dict, choices: dict, results: dict, *, 
             )
         costs = [choices[(arm, s)] for s in seeds]
         table[arm]["cost"] = dict(
-            updates=costs[0]["updates"], flops_per_update=flops.get(arm),
+            updates=costs[0]["updates"], budget=costs[0].get("budget", "updates"), flops_per_update=flops.get(arm),
+            updates_per_s=rates.get(arm, {}).get("updates_per_s"),
             pretrain_flops=(flops.get(arm) or 0) * costs[0]["updates"],
             pretrain_wall_s=[c.get("pretrain_wall_s") for c in costs],
             pretrain_cpu_s=[c.get("pretrain_cpu_s") for c in costs],
@@ -121,8 +123,9 @@ def write_report(cfg, info: dict, flops: dict, choices: dict, results: dict, *, 
         config=asdict(cfg), arms=table, verdicts=verdicts, data=dict(path=cfg.data, mean=info["mean"],
         std=info["std"], splits={k: v.get("num_samples") for k, v in info["splits"].items()}),
         wall_s=wall_s, cpu_s=cpu_s, machine=dict(device=device, platform=platform.platform(),
-        python=platform.python_version(), torch=torch.__version__, cpus=_cpus(), threads=torch.get_num_threads()),
-        curves={arm: [choices[(arm, s)]["curve"] for s in seeds] for arm in arms},
+        python=platform.python_version(), torch=torch.__version__, cpus=_cpus(), threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability()),
+        curves={arm: [choices[(arm, s)]["curve"] for s in seeds] for arm in arms}, budget=rates,
         verdict_rule=__doc__.split("Verdict rule: ")[1].strip(),
     )
     payload["machine"].update(_versions())

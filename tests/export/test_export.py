@@ -17,6 +17,7 @@ from mae_timm.cli import main
 from mae_timm.engine.checkpoint import checkpoint_path, save_checkpoint
 from mae_timm.engine.export import export_timm_folder, save_timm_folder
 from mae_timm.utils import UserError
+from tests.fakes import Batches
 
 MODELS = {
     "late": lambda: timm.create_model("mae_vit_test"),
@@ -164,7 +165,7 @@ def test_finetune_saves_its_classifier_with_the_metrics(tmp_path):
     batches = [(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator),
                 torch.arange(8) % 4) for _ in range(2)]
     cfg = FinetuneConfig(epochs=1, warmup_epochs=0, batch_size=8, mixup=0, cutmix=0, save_dir=str(tmp_path / "ft"))
-    result = finetune_evaluate(model, batches, batches, 4, cfg, "cpu", log=lambda line: None)
+    result = finetune_evaluate(model, Batches(batches), batches, 4, cfg, "cpu", log=lambda line: None)
     out = tmp_path / "ft" / "last"
     assert result["saved"] == {"last": str(out)}
     config = json.loads((out / "config.json").read_text())

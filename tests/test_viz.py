@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import mae_timm
 from mae_timm.viz import reconstruct, save_loss_curve, save_reconstruction_grid, visible_patch_stats
@@ -65,4 +67,16 @@ def test_loss_curve_png(tmp_path):
     lines = [json.dumps(dict(step=s, loss=1 / s, lr=1e-3)) for s in range(1, 30)] + ['{"step": 30, "lo']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     path = save_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "loss_only.jsonl").write_text("\n".join(json.dumps(dict(step=s, loss=1 / s)) for s in range(1, 30)))
+    without_lr = save_loss_curve(tmp_path / "loss_only.jsonl", tmp_path / "loss_only.png")
+
+    def has(png, color):  # pixels near a matplotlib colour: its curve was drawn
+        pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        return bool((np.abs(pixels - np.array(color)).sum(-1) < 30).any())
+
+    assert Image.open(path).size == (600, 350)  # 6 x 3.5 inches at 100 dpi
+    blue, orange = (31, 119, 180), (255, 127, 14)  # tab:blue (loss), tab:orange (lr)
+    assert has(path, blue) and has(path, orange) and has(without_lr, blue) and not has(without_lr, orange)
+    (tmp_path / "empty.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="no records with a 'loss'"):
+        save_loss_curve(tmp_path / "empty.jsonl", tmp_path / "x.png")
