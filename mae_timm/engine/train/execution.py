@@ -73,8 +73,8 @@ def choose_precision(setting: str, device: torch.device, *, planned_updates: int
             f"bf16 with fp32 attention {1000 * bf16:.0f} ms, {fp32 / bf16:.2f}x; bf16 is kept below "
             f"{BF16_MARGIN:.2f} of fp32)")
     if cache is not None:
-        atomic_write(cache, json.dumps(dict(key=_jsonable(key), choice=choice, note=note,
-                                            seconds=dict(fp32=times["fp32"], bf16=times["bf16"])), indent=1))
+        with atomic_write(cache, "w") as f:
+            json.dump(dict(key=_jsonable(key), choice=choice, note=note, seconds=times), f, indent=1)
     return autocast_dtype(choice, device), note
 
 
