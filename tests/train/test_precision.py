@@ -8,7 +8,6 @@ import json
 import os
 import statistics
 
-import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -106,7 +105,8 @@ def test_precision_auto_on_the_cpu(monkeypatch, tmp_path):
     # a resumed run with the same key reads the choice back without timing; another key probes again
     dtype, again, _ = choose(monkeypatch, AMX, None, run_dir=tmp_path, key=key)
     assert dtype is torch.bfloat16 and again.startswith(note) and "kept from" in again
-    assert choose(monkeypatch, AMX, dict(fp32=[0.1], bf16=[0.2]), run_dir=tmp_path, key=dict(key, batch_size=16))[0] is None
+    slower = dict(fp32=[0.1], bf16=[0.2])
+    assert choose(monkeypatch, AMX, slower, run_dir=tmp_path, key=dict(key, batch_size=16))[0] is None
     # faster, but within the margin: fp32 (noise must never pick the slower one)
     assert choose(monkeypatch, AMX, dict(fp32=[0.100], bf16=[0.097]))[0] is None
     # set precisions and CUDA are not measured
