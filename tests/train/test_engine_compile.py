@@ -19,6 +19,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
+import mae_timm.engine.train.execution as execution
 import mae_timm.engine.train.pretrain as pretrain_module
 import mae_timm.engine.train.trainer as trainer_module
 from mae_timm.engine.train.config import PretrainConfig
@@ -67,6 +68,16 @@ def test_compile_setting(tmp_path):
         PretrainConfig(compile="fast")
     assert choose_compile("auto", cuda, planned_updates=10, eager_seconds=None)[0] == "default"
     assert all(choose_compile(mode, cuda, planned_updates=10, eager_seconds=None)[0] == mode for mode in COMPILE_MODES)
+
+
+def test_compile_auto_on_the_cpu_pays_back_within_the_plan():
+    """Compile when the measured compile time is below the measured gain x eager update x planned updates."""
+    cpu = torch.device("cpu")
+    assert choose_compile("auto", cpu, planned_updates=10, eager_seconds=None)[0] == "off"  # not even timed
+    pays = execution.COMPILE_SECONDS / execution.COMPILE_GAIN  # update-seconds
+    mode, note = choose_compile("auto", cpu, planned_updates=1000, eager_seconds=lambda: 1.1 * pays / 1000)
+    assert mode == "default" and note.startswith("compile auto: default (eager update")
+    assert choose_compile("auto", cpu, planned_updates=1000, eager_seconds=lambda: 0.9 * pays / 1000)[0] == "off"
 
 
 def images(draw: int) -> torch.Tensor:

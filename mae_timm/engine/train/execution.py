@@ -12,7 +12,7 @@ and batch reads them and keeps its precision.
 Compile ``auto``: ``default`` (inductor) on CUDA. On the CPU inductor pays only when its compile time is won back
 within the run: it compiles when ``COMPILE_SECONDS < gain x eager update time x planned updates``, the constants
 measured on the CPU (benchmarks/results/cpu_precision.md), the eager update time taken from two updates of the run's
-model where the plan is long enough for compiling to pay at all.
+model (two updates on a copy) where at least ``COMPILE_MIN_UPDATES`` are planned.
 """
 
 from __future__ import annotations
@@ -28,16 +28,19 @@ from mae_timm.utils import autocast_dtype, cpu_bf16_units
 from mae_timm.utils.files import atomic_write
 
 __all__ = [
-    "BF16_MARGIN", "COMPILE_GAIN", "COMPILE_SECONDS", "PROBE_UPDATES", "choose_compile", "choose_precision",
+    "BF16_MARGIN", "COMPILE_GAIN", "COMPILE_MIN_UPDATES", "COMPILE_SECONDS", "PROBE_UPDATES", "choose_compile",
+    "choose_precision",
 ]
 
 PROBE_UPDATES = 3  # timed updates per precision, after one untimed warm-up update each
 BF16_MARGIN = 0.95  # bf16 is kept when its median update takes below this share of fp32's
 PROBE_MIN_UPDATES = 50  # planned updates below which a probe (8 updates) costs more than it can win
-# inductor on the CPU, measured by benchmarks/cpu_precision.py (2 threads, fp32): seconds to compile an MAE update
-# (forward + backward) and the share of an eager update it saves afterwards
-COMPILE_SECONDS = 60.0
-COMPILE_GAIN = 0.05
+# inductor (default mode) on the CPU, compare's default MAE at batch 256, fp32, 2 threads on a busy 2-core AVX2 EPYC
+# (benchmarks/cpu_precision.py --compile; docs/benchmarks.md): seconds of its first, compiling update beyond an eager
+# one, and the share of an eager update a compiled one saves
+COMPILE_SECONDS = 280.0
+COMPILE_GAIN = 0.13
+COMPILE_MIN_UPDATES = 100  # planned updates below which the eager update is not even timed: compiling cannot pay
 
 TimeUpdates = Callable[[dict[str, torch.dtype | None], int], dict[str, list[float]]]
 
@@ -82,17 +85,14 @@ def choose_compile(mode: str, device: torch.device, *, planned_updates: int,
                    eager_seconds: Callable[[], float]) -> tuple[str, str]:
     """The checked compile setting (``auto`` or one of ``COMPILE_MODES``) -> (the mode, the log line).
 
-    ``eager_seconds()`` times an eager update of the run; it is called only on the CPU when the plan is long
-    enough for compiling to pay back even on a slow update.
+    ``eager_seconds()`` times an eager update of the run; it is called only for ``auto`` on the CPU with at least
+    :data:`COMPILE_MIN_UPDATES` updates planned (below, the timing would cost more than compiling could win).
     """
     if mode != "auto":
         return mode, f"compile {mode} (as set)"
     if device.type == "cuda":
         return "default", "compile auto: default (CUDA)"
-    if COMPILE_GAIN <= 0:
-        return "off", "compile auto: off (inductor measured no gain per CPU update)"
-    # an update of at least 10 ms is the shortest one worth timing; below the plan it would need, skip timing
-    if COMPILE_SECONDS >= COMPILE_GAIN * 10.0 * planned_updates:
+    if planned_updates < COMPILE_MIN_UPDATES:
         return "off", (f"compile auto: off ({planned_updates} updates planned; compiling takes about "
                        f"{COMPILE_SECONDS:.0f} s on the CPU and saves {100 * COMPILE_GAIN:.0f} % of an update)")
     seconds = eager_seconds()
