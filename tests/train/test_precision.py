@@ -176,3 +176,16 @@ def test_bf16_update_trains_like_fp32(tmp_path):
     gaps = [abs(a - b) for a, b in zip(fp32, bf16)]
     assert max(gaps) <= seed_spread, (gaps, seed_spread)
     assert bf16[-1] < 0.9 * bf16[0] and fp32[-1] < 0.9 * fp32[0], (bf16, fp32)
+
+
+def test_inference_autocast_follows_the_bf16_units(monkeypatch):
+    import mae_timm.utils.device as device_module
+
+    linear = torch.nn.Linear(8, 8)
+    monkeypatch.setattr(device_module, "cpu_bf16_units", lambda: NO_UNITS)
+    with device_module.inference_autocast(CPU):
+        assert linear(torch.randn(2, 8)).dtype == torch.float32
+    monkeypatch.setattr(device_module, "cpu_bf16_units", lambda: AMX)
+    assert attention_dtypes(device_module.inference_autocast(CPU))["forward"] == {torch.float32}
+    with device_module.inference_autocast(CPU):
+        assert linear(torch.randn(2, 8)).dtype == torch.bfloat16
