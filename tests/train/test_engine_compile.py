@@ -19,11 +19,13 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
+import mae_timm.engine.train.execution as execution
 import mae_timm.engine.train.pretrain as pretrain_module
 import mae_timm.engine.train.trainer as trainer_module
 from mae_timm.engine.train.config import PretrainConfig
+from mae_timm.engine.train.execution import choose_compile
 from mae_timm.engine.train.stats import PendingStats
-from mae_timm.engine.train.trainer import COMPILE_MODES, compile_model, resolve_compile
+from mae_timm.engine.train.trainer import COMPILE_MODES, compile_model
 from mae_timm.utils.settings import load_config
 
 MODELS = ["mae_vit_test", "mae_vit_test_early_mask"]  # late mask (gather + restore) and early mask (mask tokens)
@@ -53,17 +55,29 @@ def logged_losses(out) -> list[float]:
 
 
 def test_compile_setting(tmp_path):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_compile("auto", cpu) == "off" and resolve_compile("auto", cuda) == "default"
-    assert all(resolve_compile(mode, cuda) == mode for mode in COMPILE_MODES)
-    assert resolve_compile(True, cpu) == "default" and resolve_compile(False, cuda) == "off"  # the old booleans
-    (tmp_path / "old.yaml").write_text("compile: true\n")
-    assert resolve_compile(load_config(PretrainConfig, tmp_path / "old.yaml").compile, cpu) == "default"
-    assert resolve_compile(load_config(PretrainConfig, overrides={"compile": "false"}).compile, cuda) == "off"
+    """The setting is checked once, by PretrainConfig: YAML booleans read as default / off, anything else refused."""
+    cuda = torch.device("cuda", 0)
     assert PretrainConfig().compile == "auto"
+    assert all(PretrainConfig(compile=mode).compile == mode for mode in COMPILE_MODES)
+    assert PretrainConfig(compile=True).compile == "default" and PretrainConfig(compile=False).compile == "off"
+    (tmp_path / "bool.yaml").write_text("compile: true\n")
+    assert load_config(PretrainConfig, tmp_path / "bool.yaml").compile == "default"
+    assert load_config(PretrainConfig, overrides={"compile": "False"}).compile == "off"
     with pytest.raises(ValueError, match=r"^compile 'fast' is unknown; choose auto, off, default, max-autotune, "
                                          r"reduce-overhead \(or true / false\)$"):
-        resolve_compile("fast", cpu)
+        PretrainConfig(compile="fast")
+    assert choose_compile("auto", cuda, planned_updates=10, eager_seconds=None)[0] == "default"
+    assert all(choose_compile(mode, cuda, planned_updates=10, eager_seconds=None)[0] == mode for mode in COMPILE_MODES)
+
+
+def test_compile_auto_on_the_cpu_pays_back_within_the_plan():
+    """Compile when the measured compile time is below the measured gain x eager update x planned updates."""
+    cpu = torch.device("cpu")
+    assert choose_compile("auto", cpu, planned_updates=10, eager_seconds=None)[0] == "off"  # not even timed
+    pays = execution.COMPILE_SECONDS / execution.COMPILE_GAIN  # update-seconds
+    mode, note = choose_compile("auto", cpu, planned_updates=1000, eager_seconds=lambda: 1.1 * pays / 1000)
+    assert mode == "default" and note.startswith("compile auto: default (eager update")
+    assert choose_compile("auto", cpu, planned_updates=1000, eager_seconds=lambda: 0.9 * pays / 1000)[0] == "off"
 
 
 def images(draw: int) -> torch.Tensor:

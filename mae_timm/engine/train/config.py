@@ -9,10 +9,10 @@ from mae_timm.utils import UserError
 from mae_timm.utils.device import PRECISIONS
 from mae_timm.utils.settings import above, at_least, check_settings, check_warmup, fraction, one_of
 
-__all__ = ["COMPILE_MODES", "PretrainConfig"]
+__all__ = ["COMPILE_MODES", "PretrainConfig", "compile_setting"]
 
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
-COMPILE_SETTINGS = ("auto", *COMPILE_MODES, "true", "false")  # true / false: the setting's old form (default / off)
+_COMPILE_BOOLEANS = {"true": "default", "false": "off"}  # a YAML `compile: true` / `false` means default / off
 
 
 @dataclass
@@ -56,9 +56,12 @@ class PretrainConfig:
 
     # execution
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp16 (with a grad scaler), fp32
-    # torch.compile the forward + backward: off, default, max-autotune, reduce-overhead (CUDA graphs), or auto (off on
-    # the CPU, default on CUDA; docs/training.md says why); true / false read as default / off
+    # auto (bf16 on cuda; on a cpu with AMX-BF16 / AVX512-BF16 units, bf16 with fp32 attention when a short timing
+    # probe finds it faster, else fp32), bf16, fp16 (with a grad scaler), fp32
+    precision: str = "auto"
+    # torch.compile the forward + backward: off, default, max-autotune, reduce-overhead (CUDA graphs), or auto
+    # (default on CUDA; on the CPU only when the measured compile time is won back within the planned updates,
+    # docs/training.md); true / false read as default / off
     compile: str = "auto"
     seed: int = 0  # model init, data order and masks; each rank derives its own stream from (seed, rank, step)
 
@@ -78,9 +81,17 @@ class PretrainConfig:
     def __post_init__(self):
         check_settings(self, _PRETRAIN_RULES)
         check_warmup(self.warmup_epochs, self.epochs)
-        if str(self.compile).lower() not in COMPILE_SETTINGS:
-            raise UserError(f"compile {self.compile!r} is unknown; choose auto, {', '.join(COMPILE_MODES)} "
-                            "(or true / false)")
+        self.compile = compile_setting(self.compile)
+
+
+def compile_setting(value: str | bool) -> str:
+    """The compile setting, checked: ``auto`` or one of :data:`COMPILE_MODES` (true / false read as default / off).
+    Raises UserError for anything else."""
+    name = str(value).lower()
+    name = _COMPILE_BOOLEANS.get(name, name)
+    if name != "auto" and name not in COMPILE_MODES:
+        raise UserError(f"compile {value!r} is unknown; choose auto, {', '.join(COMPILE_MODES)} (or true / false)")
+    return name
 
 
 _PRETRAIN_RULES = dict(

@@ -72,7 +72,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         # optimizer and schedule (lr = blr * global batch / 256), DDP, compile
         global_batch = cfg.batch_size * cfg.accum_steps * info.world_size
         lr = cfg.lr if cfg.lr is not None else cfg.blr * global_batch / 256
-        trainer = build_trainer(cfg, model, info, lr=lr, updates_per_epoch=updates_per_epoch)
+        trainer = build_trainer(cfg, model, info, lr=lr, updates_per_epoch=updates_per_epoch,
+                                planned_updates=total_steps, run_dir=Path(cfg.out) if info.is_main else None)
 
         # resume
         step, last_checkpoint = 0, None
@@ -91,6 +92,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             print(f"pretraining {record['model_name']} on {info.world_size} x {info.device}, global batch "
                   f"{global_batch}, lr {lr:.3g}, {updates_per_epoch} updates/epoch, {total_steps} updates, compile "
                   f"{trainer.compile_mode}; run folder {cfg.out}")
+            for note in trainer.notes:  # what precision and compile mode this run takes, and why
+                print(note)
             output = RunOutput(cfg, record, start_step=step, total_steps=total_steps,
                                updates_per_epoch=updates_per_epoch, last_checkpoint=last_checkpoint, model=model,
                                viz_images=_viz_images(cfg, model, info.device))

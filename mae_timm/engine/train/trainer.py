@@ -5,15 +5,19 @@ clip, optimizer step, schedule. No update waits for the device: the statistics c
 the run loop (``loop.py``) reads them one update later.
 
 ``compile``: ``off``, ``default`` (inductor kernels), ``max-autotune`` (autotuned matmuls, CUDA graphs),
-``reduce-overhead`` (inductor plus CUDA graphs of the forward and backward), or ``auto``: ``off`` on the CPU and
-``default`` on CUDA. Shapes are static (``dynamic=False``): the training loader yields full batches only and the
-masks keep exactly ``len_keep`` tokens per sample, so one graph serves every update.
+``reduce-overhead`` (inductor plus CUDA graphs of the forward and backward), or ``auto`` (``execution.py`` decides,
+by measurement on the CPU). Shapes are static (``dynamic=False``): the training loader yields full batches only
+and the masks keep exactly ``len_keep`` tokens per sample, so one graph serves every update.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -25,13 +29,10 @@ from mae_timm.data import GpuAugment
 from mae_timm.engine.checkpoint import capture_rng_state, first_non_finite, load_weights, restore_rng_state
 from mae_timm.engine.train.config import COMPILE_MODES, PretrainConfig
 from mae_timm.engine.train.distributed import DistInfo
-from mae_timm.utils import UserError, autocast, autocast_dtype
+from mae_timm.engine.train.execution import choose_compile, choose_precision
+from mae_timm.utils import UserError, autocast, cpu_bf16_units
 
-__all__ = [
-    "COMPILE_MODES", "Trainer", "build_trainer", "compile_model", "create_optimizer_and_schedule", "resolve_compile",
-]
-
-_BOOLEANS = {"true": "default", "false": "off"}  # the setting's old form (compile: true / false) still reads
+__all__ = ["COMPILE_MODES", "Trainer", "build_trainer", "compile_model", "create_optimizer_and_schedule"]
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Trainer:
     clip_grad: float | None
     device: torch.device
     compile_mode: str  # one of COMPILE_MODES
+    fp32_attention: bool | None = None  # attention in fp32 under autocast; None: on the CPU only (utils.autocast)
+    notes: list[str] = field(default_factory=list)  # one log line per choice made for this run (precision, compile)
 
     def step(self, update: int, micro_batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Update number ``update`` (from 0) from its micro-batches (uint8 (N, C, H, W) each) -> this process's
@@ -62,7 +65,7 @@ class Trainer:
             imgs = self.augment(imgs.to(self.device, non_blocking=True))  # uint8 -> cropped, flipped, normalised
             last = i == len(micro_batches) - 1  # DDP all-reduces the gradients on the last micro-batch only
             with contextlib.nullcontext() if self.ddp_model is None or last else self.ddp_model.no_sync():
-                with autocast(self.device, self.autocast_dtype):
+                with autocast(self.device, self.autocast_dtype, self.fp32_attention):
                     out = self.train_model(imgs, **kwargs)
                 self.scaler.scale(out.loss / len(micro_batches)).backward()
             for name, value in dict(loss=out.loss, **out.metrics).items():
@@ -96,7 +99,7 @@ class Trainer:
         if bad:
             raise UserError(f"the checkpoint holds NaN or inf ({bad}); it cannot be resumed: resume from an earlier "
                             "checkpoint (--resume PATH) or start a new --out")
-        load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one line, not 75
+        load_weights(self.model, ckpt["model"], "the checkpoint")  # other model_kwargs: one UserError line
         try:
             self._load_training_state(ckpt)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # a state of another shape
@@ -114,18 +117,45 @@ class Trainer:
         restore_rng_state(ckpt["rng"])
 
 
-def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: float,
-                  updates_per_epoch: int) -> Trainer:
+def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: float, updates_per_epoch: int,
+                  planned_updates: int = 0, run_dir: Path | None = None) -> Trainer:
     """What updates ``model`` (on its device, in train mode) as ``cfg`` says: DDP and ``torch.compile`` around it,
-    the device augmentation, AdamW (fused on CUDA) + schedule, the gradient scaler and autocast."""
-    optimizer, scheduler = create_optimizer_and_schedule(
-        model, cfg, lr, updates_per_epoch, fused=info.device.type == "cuda",  # one kernel; the CPU: torch's default
+    the device augmentation, AdamW (fused on CUDA) + schedule, the gradient scaler and autocast.
+
+    ``precision`` / ``compile`` ``auto`` are chosen for ``planned_updates`` updates by ``execution.py``, which may
+    time a few updates of copies of ``model`` (the global RNG states are left as they were); ``run_dir`` keeps the
+    precision choice for a resumed run. Every rank takes rank 0's choices.
+    """
+    def time_updates(dtypes: dict, updates: int) -> dict[str, list[float]]:
+        return _time_updates(cfg, model, info, dtypes, updates, lr=lr, updates_per_epoch=updates_per_epoch)
+
+    key = dict(model=cfg.model, model_kwargs=cfg.model_kwargs, pretext=cfg.pretext, encoder=cfg.encoder,
+               encoder_kwargs=cfg.encoder_kwargs, img_size=cfg.img_size, batch_size=cfg.batch_size,
+               threads=torch.get_num_threads(), cpu=cpu_bf16_units(), torch=torch.__version__)
+    dtype, precision_note = choose_precision(cfg.precision, info.device, planned_updates=planned_updates,
+                                             time_updates=time_updates, run_dir=run_dir, key=key)
+    compile_mode, compile_note = choose_compile(
+        cfg.compile, info.device, planned_updates=planned_updates,
+        eager_seconds=lambda: statistics.median(time_updates({"eager": dtype}, 2)["eager"]),
     )
+    if info.distributed:  # ranks that timed differently still train alike
+        choices = [dtype, precision_note, compile_mode, compile_note]
+        torch.distributed.broadcast_object_list(choices, src=0)
+        dtype, precision_note, compile_mode, compile_note = choices
     ddp_model = None
     if info.distributed:  # gradients are all-reduced during backward
         ddp_model = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
-    dtype = autocast_dtype(cfg.precision, info.device)
-    compile_mode = resolve_compile(cfg.compile, info.device)
+    return _assemble(cfg, model, info, dtype, lr=lr, updates_per_epoch=updates_per_epoch, ddp_model=ddp_model,
+                     compile_mode=compile_mode, notes=[precision_note, compile_note])
+
+
+def _assemble(cfg: PretrainConfig, model: nn.Module, info: DistInfo, dtype: torch.dtype | None, *, lr: float,
+              updates_per_epoch: int, ddp_model: DistributedDataParallel | None = None, compile_mode: str = "off",
+              notes: list[str] | None = None) -> Trainer:
+    """The trainer of ``model`` in the precision ``dtype`` (eager and without DDP by default)."""
+    optimizer, scheduler = create_optimizer_and_schedule(
+        model, cfg, lr, updates_per_epoch, fused=info.device.type == "cuda",  # one kernel; the CPU: torch's default
+    )
     return Trainer(
         model=model,
         train_model=compile_model(ddp_model or model, compile_mode),
@@ -142,7 +172,29 @@ def build_trainer(cfg: PretrainConfig, model: nn.Module, info: DistInfo, *, lr: 
         clip_grad=cfg.clip_grad,
         device=info.device,
         compile_mode=compile_mode,
+        notes=notes or [],
     )
+
+
+def _time_updates(cfg: PretrainConfig, model: nn.Module, info: DistInfo, dtypes: dict, updates: int, *, lr: float,
+                  updates_per_epoch: int) -> dict[str, list[float]]:
+    """Seconds of ``updates`` eager updates per named dtype, each on its own copy of ``model`` at the run's batch
+    size, interleaved after one untimed update each; the global RNG states are restored afterwards."""
+    shape = (cfg.batch_size, model.input_channels(), model.input_size(), model.input_size())
+    with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, device=info.device)
+        trainers = {name: _assemble(cfg, copy.deepcopy(model), info, dtype, lr=lr,
+                                    updates_per_epoch=updates_per_epoch) for name, dtype in dtypes.items()}
+        times = {name: [] for name in trainers}
+        names = list(trainers)
+        for update in range(updates + 1):
+            for name in names[update % len(names):] + names[:update % len(names)]:  # rotated: drift hits all alike
+                trainer = trainers[name]
+                started = time.perf_counter()
+                trainer.step(update, [images])["loss"].item()  # waits for the device
+                if update:
+                    times[name].append(time.perf_counter() - started)
+    return times
 
 
 def create_optimizer_and_schedule(model: nn.Module, cfg: PretrainConfig, lr: float, updates_per_epoch: int,
@@ -160,22 +212,6 @@ def create_optimizer_and_schedule(model: nn.Module, cfg: PretrainConfig, lr: flo
         updates_per_epoch=updates_per_epoch,
     )
     return optimizer, scheduler
-
-
-def resolve_compile(setting: str | bool, device: torch.device) -> str:
-    """The ``compile`` setting -> one of :data:`COMPILE_MODES` for this run.
-
-    ``auto`` is ``off`` on the CPU (minutes of compiling for little gain on small models) and ``default`` on CUDA:
-    the fused kernels without CUDA graphs, which works with DDP, accumulation and every mask type, and costs no
-    memory beyond eager. ``reduce-overhead`` (CUDA graphs) is the faster choice for small, launch-bound models.
-    """
-    name = str(setting).lower()
-    name = _BOOLEANS.get(name, name)
-    if name == "auto":
-        return "default" if device.type == "cuda" else "off"
-    if name not in COMPILE_MODES:
-        raise UserError(f"compile {setting!r} is unknown; choose auto, {', '.join(COMPILE_MODES)} (or true / false)")
-    return name
 
 
 def compile_model(model: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
