@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import mae_timm
 from mae_timm.data import GpuAugment
-from mae_timm.utils import UserError, autocast, autocast_dtype
+from mae_timm.utils import UserError, inference_autocast
 
 __all__ = ["FEATURE_DTYPE", "PIXELS", "POOLS", "Variant", "extract_features", "frozen_features", "labelled",
            "normalizer", "predict", "progress", "select_blocks"]
@@ -65,14 +65,14 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, normal
             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn`` over every batch: loader of (uint8 (N, C, H, W), labels (N,)) -> (outputs (M, D) in ``dtype``, labels).
 
-    Runs under the evaluation autocast (bf16 on CUDA, fp32 on the CPU); each batch's outputs are cast to ``dtype``
+    Runs under the evaluation autocast (bf16 on CUDA and on CPUs with bf16 units, attention in fp32 there; fp32 on
+    other CPUs); each batch's outputs are cast to ``dtype``
     and moved to the CPU before the next batch runs, so the peak is one batch of activations plus the outputs.
     """
-    compute = autocast_dtype("auto", device)
     outputs, labels = [], []
     for imgs, targets in loader:
         x = normalize(imgs.to(device, non_blocking=True))
-        with autocast(device, compute):
+        with inference_autocast(device):
             outputs.append(fn(x).to(dtype).cpu())
         labels.append(targets.cpu())
     if not outputs:
