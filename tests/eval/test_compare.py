@@ -102,6 +102,26 @@ def test_compare_end_to_end_reads_the_test_split_once_after_every_choice(shards,
     assert reads == [] and json.loads((out / "config.json").read_text())["probe_epochs"] == "2"
 
 
+def test_a_holdout_only_compare_never_reads_the_test_split_and_a_rerun_goes_on_to_it(shards, tmp_path, monkeypatch):
+    out, reads = tmp_path / "search", []
+    load = compare_run.load_split
+    monkeypatch.setattr(compare_run, "load_split", lambda data, split, *a: reads.append(split) or load(data, split, *a))
+    assert _compare(shards, out, "--holdout-only", "--partial-blocks", "0", "--finetune-epochs", "1") == 0
+    assert reads == ["train"] and not (out / "compare.json").exists()
+    held = json.loads((out / "holdout.json").read_text())
+    for arm in ARMS:
+        for s in (0, 1):
+            choice = json.loads((out / "runs" / arm / f"seed{s}" / "choices.json").read_text())
+            assert held["holdout"][arm]["knn"][s] == choice["knn"]["top1"]
+    assert {v["name"] for v in held["verdicts"]} == {"raw_pixels", "scratch"}  # each against the pretraining arm
+    assert "| mae |" in (out / "holdout.md").read_text()
+    # the same folder without the flag: the choices stand (nothing pretrained again), the test split is read once
+    monkeypatch.setattr(compare_run, "pretrain", lambda cfg: pytest.fail("a finished arm-seed was pretrained again"))
+    reads.clear()
+    assert _compare(shards, out, "--partial-blocks", "0", "--finetune-epochs", "1") == 0
+    assert reads == ["validation"] and (out / "compare.json").is_file()
+
+
 def test_the_sealed_test_split_refuses_to_be_read_early():
     split = splits.SealedSplit(lambda: pytest.fail("decoded while sealed"))
     with pytest.raises(RuntimeError, match="before every choice"):

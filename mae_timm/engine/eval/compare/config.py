@@ -61,6 +61,9 @@ class CompareConfig:
     # test.json can be measured again; False deletes them (they are large)
     keep_features: bool = True
     num_workers: int = 2  # decoding / loader processes
+    # stop once every arm-seed's hold-out choices exist and write holdout.json / holdout.md (the hold-out scores):
+    # the test split is never read, so recipes can be searched; a rerun without it goes on to the test split
+    holdout_only: bool = False
     device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self):
@@ -84,7 +87,7 @@ class CompareConfig:
 
 
 # what a resumed compare may change: which arm-seeds run and where, not what they measure
-_FREE_SETTINGS = frozenset({"arms", "seeds", "out", "num_workers", "device", "keep_features"})
+_FREE_SETTINGS = frozenset({"arms", "seeds", "out", "num_workers", "device", "keep_features", "holdout_only"})
 
 
 def check_same_settings(path: Path, cfg: CompareConfig) -> None:

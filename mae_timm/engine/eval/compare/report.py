@@ -19,7 +19,7 @@ import torch
 
 from mae_timm.utils import atomic_write
 
-__all__ = ["T_975", "paired_verdict", "save_accuracy_curve", "write_report"]
+__all__ = ["T_975", "paired_verdict", "save_accuracy_curve", "write_holdout_report", "write_report"]
 
 PROTOCOLS = ("knn", "linprobe", "finetune", "partial_finetune")
 LABELS = dict(knn="kNN", linprobe="linear probe", finetune="fine-tune", partial_finetune="partial fine-tune")
@@ -137,6 +137,37 @@ def write_report(cfg, info: dict, rates: dict, choices: dict, results: dict, *, 
         f.write(markdown)
     print(markdown)
     return dict(payload, figure=str(figure) if figure else None)
+
+
+def write_holdout_report(cfg, rates: dict, choices: dict, *, wall_s: float) -> dict:
+    """holdout.json and holdout.md: each arm's best hold-out top-1 per protocol (its chosen readout), per seed, with
+    paired verdicts against the first pretraining arm; what a recipe search reads instead of the test split."""
+    arms, seeds = [a.name for a in cfg.arm_list], range(cfg.seeds)
+    table = {arm: {p: [choices[(arm, s)][p]["top1"] for s in seeds] for p in PROTOCOLS if p in choices[(arm, seeds[0])]}
+             for arm in arms}
+    reference = next((a.name for a in cfg.arm_list if a.pretrains), arms[0])
+    verdicts = [dict(name=arm, protocol=p, **paired_verdict(table[arm][p], table[reference][p], arm, reference))
+                for arm in arms if arm != reference for p in table[arm] if p in table[reference]]
+    payload = dict(settings=asdict(cfg), holdout=table, verdicts=verdicts, budget=rates, wall_s=round(wall_s, 1),
+                   choices={f"{arm}/seed{s}": {p: {k: v for k, v in choices[(arm, s)][p].items() if k != "history"}
+                                                for p in table[arm]} for arm in arms for s in seeds})
+    out = Path(cfg.out)
+    with atomic_write(out / "holdout.json", "w") as f:
+        json.dump(payload, f, indent=1)
+    lines = [f"# Hold-out scores (test split not read): {len(arms)} arms x {cfg.seeds} seeds, top-1 (%) on "
+             f"{cfg.holdout} held-out training images, mean ± std (per seed)", "",
+             "| arm | " + " | ".join(LABELS[p] for p in PROTOCOLS) + " |", "|---" * (len(PROTOCOLS) + 1) + "|"]
+    for arm in arms:
+        lines.append(f"| {arm} | " + " | ".join(_fmt(table[arm][p]) if p in table[arm] else "–" for p in PROTOCOLS)
+                     + " |")
+    lines += ["", f"Paired against {reference} (95 % interval):", ""]
+    for v in verdicts:
+        interval = "" if v["low"] is None else f" [{v['low']:+.2f}, {v['high']:+.2f}]"
+        lines.append(f"- {v['name']}, {LABELS[v['protocol']]}: {v['diff']:+.2f}{interval}: {v['verdict']}")
+    with atomic_write(out / "holdout.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"compare: hold-out scores in {out / 'holdout.md'} (the test split was not read)")
+    return payload
 
 
 def _cpus() -> int | None:

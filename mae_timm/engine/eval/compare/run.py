@@ -254,7 +254,7 @@ def test_arm_seed(ctx: _Context, test: SealedSplit, arm: Arm, seed: int) -> dict
 
 def run_compare(cfg: CompareConfig) -> dict:
     """Run (or resume) a compare; returns the payload of ``compare.json``."""
-    from mae_timm.engine.eval.compare.report import write_report
+    from mae_timm.engine.eval.compare.report import write_holdout_report, write_report
 
     start, cpu = time.perf_counter(), _cpu_seconds()
     ctx = _Context(cfg)
@@ -269,6 +269,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     print(f"compare: {len(arms)} arms x {cfg.seeds} seeds on {cfg.data}; mean {ctx.info['mean']} std "
           f"{ctx.info['std']}; choices on {cfg.holdout} held-out training images")
     choices = {(arm.name, seed): run_arm_seed(ctx, arm, seed, rates) for arm in arms for seed in range(cfg.seeds)}
+    if cfg.holdout_only:
+        return write_holdout_report(cfg, rates, choices, wall_s=time.perf_counter() - start)
     test = SealedSplit(lambda: ctx.read(cfg.test_split))
     test.unseal()  # every arm-seed's choices.json exists: nothing below is chosen
     results = {(arm.name, seed): test_arm_seed(ctx, test, arm, seed) for arm in arms for seed in range(cfg.seeds)}
