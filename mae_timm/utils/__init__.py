@@ -2,13 +2,14 @@
 autocast, seeds, atomic files and the settings system."""
 
 from mae_timm.utils.device import PRECISIONS, autocast, autocast_dtype, resolve_device
-from mae_timm.utils.errors import USER_ERRORS, NonFiniteLossError, UserError
+from mae_timm.utils.errors import USER_ERRORS, DistributedError, NonFiniteLossError, UserError
 from mae_timm.utils.files import atomic_write, fsync_dir
 from mae_timm.utils.seeding import derive_seed, seed_everything
 
 __all__ = [
     "PRECISIONS",
     "USER_ERRORS",
+    "DistributedError",
     "NonFiniteLossError",
     "UserError",
     "atomic_write",
