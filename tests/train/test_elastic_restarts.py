@@ -39,3 +39,32 @@ def test_a_stopped_rank_ends_the_group_with_one_line_within_the_timeout(tmp_path
     assert result["codes"] == [1], result["output"][-3000:]
     assert "another rank stopped answering within --dist-timeout 5 s" in result["output"]
     assert result["after_signal"] < 5 + 30 + 20  # the timeout, torchrun's 30 s grace for the stopped rank, slack
+
+
+def test_a_group_that_cannot_form_is_one_line_within_the_timeout(monkeypatch):
+    import time
+
+    import torch.distributed as dist
+
+    from benchmarks.elastic_restarts import free_port
+    from mae_timm.engine.train.distributed import init_distributed
+    from mae_timm.utils import DistributedError
+
+    port = free_port()  # nobody serves the store there: rank 1 waits for rank 0, which never comes
+    for key, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(key, value)
+    start = time.perf_counter()
+    with pytest.raises(DistributedError, match=r"rank 1 of 2: the process group did not form within 2 s") as info:
+        init_distributed("cpu", timeout_s=2)
+    assert time.perf_counter() - start < 30 and "\n" not in str(info.value) and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_dist_timeout_must_be_above_0(value, tmp_path, capsys):
+    from mae_timm import cli
+
+    assert cli.main(["pretrain", "--model", "mae_vit_test", "--synthetic", "--dist-timeout", value,
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dist_timeout" in err and "\n" not in err
