@@ -70,11 +70,13 @@ def slope(values: list[float]) -> float:
     return sum((i - mx) * (v - my) for i, v in enumerate(values)) / sum((i - mx) ** 2 for i in range(n))
 
 
-def attempt(command: list[str], env: dict, out: Path, stop: tuple[int, float] | None, samples: list | None) -> int:
-    """Run once; with ``stop`` = (signal, seconds after the next checkpoint appears) interrupt it; with ``samples``
-    record (epoch, rss, fds) at each new epoch checkpoint. Returns the exit code."""
+def attempt(command: list[str], env: dict, out: Path, stop: tuple[int, int, float] | None,
+            samples: list | None) -> int:
+    """Run once; with ``stop`` = (signal, n, seconds) interrupt it that long after its n-th new checkpoint appears;
+    with ``samples`` record (epoch, rss, fds) at each new epoch checkpoint. Returns the exit code."""
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = {p.name for p in out.glob("checkpoint-*.pt")}
+    stop = stop and (stop[0], len(seen) + stop[1], stop[2])  # counted from the checkpoints already there
     signalled = None
     while proc.poll() is None:
         new = {p.name for p in out.glob("checkpoint-*.pt")} - seen
@@ -85,8 +87,8 @@ def attempt(command: list[str], env: dict, out: Path, stop: tuple[int, float] | 
                     samples.append((max(int(n[11:18]) for n in new) // STEPS_PER_EPOCH, *sample(proc.pid)))
                 except (OSError, StopIteration):
                     pass
-            if stop is not None and signalled is None:
-                signalled = time.monotonic() + stop[1]
+            if stop is not None and signalled is None and len(seen) >= stop[1]:
+                signalled = time.monotonic() + stop[2]
         if signalled is not None and time.monotonic() >= signalled:
             proc.send_signal(stop[0])
             signalled = float("inf")
@@ -118,11 +120,13 @@ def main() -> None:
         assert attempt(pretrain_command(shards, reference, args.epochs), env, reference, None, samples) == 0
 
         run, cycles = work / "run", []
-        for _ in range(args.cycles):
-            sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
-            delay = rng.uniform(0.0, 1.5)
-            code = attempt(pretrain_command(shards, run, args.epochs), env, run, (sig, delay), None)
-            cycles.append(dict(signal=signal.Signals(sig).name, delay_s=round(delay, 2), exit_code=code,
+        signals = [(signal.SIGTERM, signal.SIGKILL)[i % 2] for i in range(args.cycles)]
+        rng.shuffle(signals)  # both kinds, in a drawn order
+        for sig in signals:
+            after, delay = rng.randint(1, 3), rng.uniform(0.0, 1.5)
+            code = attempt(pretrain_command(shards, run, args.epochs), env, run, (sig, after, delay), None)
+            cycles.append(dict(signal=signal.Signals(sig).name, after_checkpoints=after, delay_s=round(delay, 2),
+                               exit_code=code,
                                step=torch.load(run / "last.pt", weights_only=True)["step"]
                                if (run / "last.pt").exists() else 0))
         assert attempt(pretrain_command(shards, run, args.epochs), env, run, None, None) == 0
