@@ -119,12 +119,22 @@ def _verdicts(payload: dict) -> list[str]:
     return lines
 
 
+def _refuse_another_runs_folder(run_dir: Path) -> None:
+    """A folder that holds files, but not the demo's first output (``shards/``), is another run's: refused before any
+    work, as ``pretrain`` refuses a used ``--out``. A demo stopped later goes on in its own folder."""
+    names = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if names and "shards" not in names:
+        raise FileExistsError(f"{run_dir} holds another run's files ({', '.join(names[:3])}"
+                              f"{', ...' if len(names) > 3 else ''}); pass a new or empty --out")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; returns the run folder, the files written and compare's payload."""
     start = time.perf_counter()
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     if (run_dir / "compare.json").exists():
         raise FileExistsError(f"{run_dir} already holds a finished demo; pass another --out or delete it")
+    _refuse_another_runs_folder(run_dir)
     print(f"[1/3] the bundled Fashion-MNIST sample (5,000 train, 1,000 test images) as shards in {run_dir / 'shards'}")
     write_source(run_dir / "shards", fashion_mnist(ASSETS), shard_size=500, min_shards=4, progress=False)
     print(f"[2/3] compare raw pixels, scratch and MAE ({cfg.steps} pretraining updates of {cfg.batch_size}) over "

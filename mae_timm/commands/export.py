@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                              "ViTModel folder (features, ViTForImageClassification); hf-mae: transformers ViTMAE "
                              "folder (reconstruction); safetensors: the encoder state dict (default when --out ends "
                              "in .safetensors)")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="--format hf-mae: ViTMAE's fixed mask ratio")
+    parser.add_argument("--mask-ratio", type=float, default=None,
+                        help="--format hf-mae only: ViTMAE's fixed mask ratio, in (0, 1) (default 0.75)")
 
 
 def run(args: argparse.Namespace, name: str) -> int:
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace, name: str) -> int:
     )
 
     fmt = args.format or ("safetensors" if str(args.out).endswith(".safetensors") else "timm")
+    mask_ratio = _mask_ratio(args.mask_ratio, fmt)  # refused before the checkpoint is read
     model, ckpt = load_model(args.checkpoint)
     source = dict(checkpoint=str(args.checkpoint), model_name=ckpt["model_name"], step=ckpt["step"])
     run_config = ckpt.get("config")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace, name: str) -> int:
         print(f"  transformers.pipeline('image-feature-extraction', model={str(out)!r}, pool=True)")
         print(f"  transformers.ViTForImageClassification.from_pretrained({str(out)!r}, num_labels=N)")
     elif fmt == "hf-mae":
-        out = export_hf_mae_folder(model, args.out, mask_ratio=args.mask_ratio, source=source, run_config=run_config)
+        out = export_hf_mae_folder(model, args.out, mask_ratio=mask_ratio, source=source, run_config=run_config)
         print(f"wrote {out} (transformers ViTMAE, model card in README.md); load it with:")
         print(f"  transformers.ViTMAEForPreTraining.from_pretrained({str(out)!r})")
         print(f"  transformers.AutoImageProcessor.from_pretrained({str(out)!r})")
@@ -57,3 +59,18 @@ def run(args: argparse.Namespace, name: str) -> int:
         print(f"  {create_model_line(f'local-dir:{out}', {})}")
         print(f"  {train_py_line(out)}")
     return 0
+
+
+def _mask_ratio(value: float | None, fmt: str) -> float:
+    """``--mask-ratio`` of ``--format hf-mae`` (0.75 when not given), in (0, 1); any other format masks nothing and
+    refuses it."""
+    from mae_timm.utils import UserError
+
+    if value is not None and fmt != "hf-mae":
+        raise UserError(f"--mask-ratio is an option of --format hf-mae (ViTMAE's fixed mask ratio); --format {fmt} "
+                        "exports an encoder, which masks nothing: drop --mask-ratio")
+    if value is None:
+        return 0.75
+    if not 0 < value < 1:  # nan fails this too
+        raise UserError(f"--mask-ratio {value} must be in (0, 1): the share of patches ViTMAE removes")
+    return value

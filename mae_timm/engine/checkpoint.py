@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mae_timm.engine.memory import available_memory, record_size
 from mae_timm.models.factory import check_record_is_data, create_model_from_record
 from mae_timm.utils import NonFiniteLossError, UserError, atomic_write, fsync_dir
 
 __all__ = [
     "capture_rng_state",
+    "check_weights_fit",
     "checkpoint_path",
     "find_latest_checkpoint",
     "first_non_finite",
@@ -168,7 +170,8 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
     ``encoder``, see :func:`mae_timm.models.factory.create_model_from_record`), strict load.
 
     Returns ``(model in eval mode, checkpoint dict)``. A model name that is not registered, kwargs the model does
-    not take, or weights of another model raise UserError in one line.
+    not take, weights of another model, or a model larger than this process may allocate raise UserError in one
+    line; the sizes are compared on the meta device, before any weight is allocated.
     """
     ckpt = load_checkpoint(path, map_location)
     name = ckpt["model_name"]
@@ -178,6 +181,17 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
         raise UserError(f"checkpoint {path}: the weights hold NaN or inf ({bad}); it cannot be evaluated, drawn or "
                         "exported")
     try:
+        elements, _, meta_model, full = record_size(ckpt)
+        stored = sum(t.numel() for t in ckpt["model"].values() if torch.is_tensor(t))
+        if full:
+            check_weights_fit(meta_model, ckpt["model"], path)  # names and shapes, checked without allocating
+        elif elements != stored:  # a record that describes another (maybe far larger) model than its weights
+            raise UserError(f"checkpoint {path}: its model_kwargs describe {name} with {elements:,} weights, its "
+                            f"weights hold {stored:,}; is it a checkpoint of another model or other model_kwargs?")
+        have, bound = available_memory(torch.device("cpu"))
+        if 4 * elements > have:
+            raise UserError(f"checkpoint {path}: {name} needs {4 * elements / 2**30:.1f} GiB, more than the "
+                            f"{have / 2**30:.1f} GiB of {bound}")
         model = create_model_from_record(ckpt)
     except TypeError as e:  # an unexpected keyword argument
         raise UserError(f"checkpoint {path}: {name} cannot be built with its model_kwargs ({e})") from None
@@ -189,6 +203,13 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[torch.nn.Module, d
 
 def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path) -> None:
     """``model.load_state_dict(state_dict, strict=True)``, or UserError in one line saying how they differ."""
+    check_weights_fit(model, state_dict, path)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def check_weights_fit(model: torch.nn.Module, state_dict: dict, path: str | Path) -> None:
+    """UserError in one line unless ``state_dict`` has exactly ``model``'s tensor names and shapes (``model`` may
+    live on the meta device)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -198,4 +219,3 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path: str | Path) -> 
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys]
         raise UserError(f"the weights in {path} do not fit {type(model).__name__}: tensors {', '.join(parts)}; "
                         "is it a checkpoint of another model or other model_kwargs?")
-    model.load_state_dict(state_dict, strict=True)

@@ -10,13 +10,14 @@ from mae_timm.utils.device import (
     inference_autocast,
     resolve_device,
 )
-from mae_timm.utils.errors import USER_ERRORS, NonFiniteLossError, UserError
+from mae_timm.utils.errors import USER_ERRORS, DistributedError, NonFiniteLossError, UserError
 from mae_timm.utils.files import atomic_write, fsync_dir
 from mae_timm.utils.seeding import derive_seed, seed_everything
 
 __all__ = [
     "PRECISIONS",
     "USER_ERRORS",
+    "DistributedError",
     "NonFiniteLossError",
     "UserError",
     "atomic_write",

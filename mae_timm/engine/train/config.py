@@ -23,7 +23,8 @@ class PretrainConfig:
     model: str = "mae_vit_tiny_patch8_64"  # any registered pretext model (mae_*, apl_*) by timm name
     model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. {"drop_path_rate": 0.1}
     # or any timm ViT: `pretext` ("mae" / "early_mask") over the timm model `encoder` built with `encoder_kwargs`;
-    # `model_kwargs` then holds the pretext options (decoder_embed_dim, decoder_depth, mask_type, ...)
+    # `model_kwargs` then holds the pretext options (decoder_embed_dim, decoder_depth, mask_type, ...); an `encoder`
+    # without `pretext` is pretrained with mae
     pretext: str | None = None
     encoder: str | None = None  # e.g. vit_small_patch14_reg4_dinov2
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"img_size": 56}
@@ -64,6 +65,8 @@ class PretrainConfig:
     # docs/training.md); true / false read as default / off
     compile: str = "auto"
     seed: int = 0  # model init, data order and masks; each rank derives its own stream from (seed, rank, step)
+    # seconds a rank waits for the others (forming the process group, every collective) before the run stops
+    dist_timeout: float = 600.0
 
     # output
     out: str = "runs/pretrain"  # run folder: checkpoints, metrics.jsonl, figures, TensorBoard events
@@ -101,5 +104,5 @@ _PRETRAIN_RULES = dict(
     epochs=at_least(1), warmup_epochs=at_least(0), max_steps=at_least(0), blr=above(0), lr=above(0),
     min_lr=at_least(0), weight_decay=at_least(0), betas=fraction(zero=True), clip_grad=above(0),
     precision=one_of(*PRECISIONS), save_every_steps=at_least(0), save_every_epochs=at_least(0),
-    keep_last=at_least(0), viz_every_epochs=at_least(0),
+    keep_last=at_least(0), viz_every_epochs=at_least(0), dist_timeout=above(0),
 )

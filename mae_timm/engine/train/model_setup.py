@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import timm
 import torch
 import torch.nn as nn
 
+from mae_timm.engine.memory import available_memory, record_size
 from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.models.base import is_pretext_model
 from mae_timm.models.factory import create_model_from_record, model_record
@@ -33,8 +33,9 @@ def build_model(cfg: PretrainConfig, device: torch.device | None = None) -> tupl
     checkpoint's record may name no file or URL (``factory.check_record_is_data``).
     """
     sized = dict(img_size=cfg.img_size) if cfg.img_size else {}
-    if cfg.pretext:
-        record = model_record(cfg.model, cfg.model_kwargs, cfg.pretext, cfg.encoder, dict(cfg.encoder_kwargs, **sized))
+    pretext = cfg.pretext or ("mae" if cfg.encoder else None)  # an encoder alone is pretrained as MAE pretrains
+    if pretext:
+        record = model_record(cfg.model, cfg.model_kwargs, pretext, cfg.encoder, dict(cfg.encoder_kwargs, **sized))
     else:
         record = model_record(cfg.model, dict(cfg.model_kwargs, **sized))
     name = record["model_name"]
@@ -44,14 +45,18 @@ def build_model(cfg: PretrainConfig, device: torch.device | None = None) -> tupl
     decoder_depth = record["model_kwargs"].get("decoder_depth")
     if isinstance(decoder_depth, int) and decoder_depth < 0:  # range(-1) builds no decoder block, in silence
         raise UserError(f"decoder_depth {decoder_depth} of {name} must be at least 0")
+    for kwargs in (record["model_kwargs"], record["encoder_kwargs"]):
+        in_chans = kwargs.get("in_chans")
+        if isinstance(in_chans, (int, float)) and in_chans < 1:  # 0 builds, then fails on the first batch
+            raise UserError(f"in_chans {in_chans} of {name} must be at least 1 (3 for RGB, 1 for grayscale)")
     architecture = dict(record, **{field: {k: v for k, v in record[field].items() if k not in LOADING_KWARGS}
                                    for field in ("model_kwargs", "encoder_kwargs")})
     try:
-        with torch.device("meta"):  # the contract is checked at once: building a ViT-H for real takes a minute
-            meta_model = create_model_from_record(architecture)
+        # the contract is checked at once, on the meta device: building a ViT-H for real takes a minute
+        elements, tokens, meta_model, _ = record_size(architecture)
         honours_contract = is_pretext_model(meta_model)
         if honours_contract:
-            _check_memory(meta_model, cfg.batch_size, device or torch.device("cpu"), name)
+            _check_memory(meta_model, elements, tokens, cfg.batch_size, device or torch.device("cpu"), name)
             model = create_model_from_record(record)
     except UserError:
         raise
@@ -80,20 +85,17 @@ def build_model(cfg: PretrainConfig, device: torch.device | None = None) -> tupl
 LOADING_KWARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "cache_dir", "pretrained_strict"})
 
 
-def _check_memory(meta_model: nn.Module, batch_size: int, device: torch.device, name: str) -> None:
+def _check_memory(meta_model: nn.Module, elements: int, tokens: int, batch_size: int, device: torch.device,
+                  name: str) -> None:
     """Refuse a model whose training cannot fit: fp32 weights, gradients and two AdamW moments (16 bytes per
-    parameter) plus one batch of patch tokens, a lower bound, against the memory of ``device``."""
-    params = sum(p.numel() for p in meta_model.parameters())
-    tokens = getattr(meta_model.patch_embed, "num_patches", 0) * getattr(meta_model, "embed_dim", 0)
-    need = 16 * params + 4 * batch_size * tokens
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    weight) plus one batch of patch tokens, a lower bound, against what this process may allocate on ``device``
+    (:func:`~mae_timm.engine.memory.available_memory`)."""
+    need = 16 * elements + 4 * batch_size * tokens
+    have, bound = available_memory(device)
     if need > have:
         size = tuple(meta_model.patch_embed.img_size)[0]
         raise UserError(f"{name} at img_size {size} needs at least {need / 2**30:.1f} GiB to train "
-                        f"({params / 1e6:.0f} M parameters), more than the {have / 2**30:.1f} GiB of {device}; "
+                        f"({elements / 1e6:.0f} M weights), more than the {have / 2**30:.1f} GiB of {bound}; "
                         "lower --img-size, --batch-size or the model size")
 
 

@@ -18,19 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from mae_timm import __version__
 from mae_timm.data import GpuAugment, create_loader, read_info
 from mae_timm.data.synthetic import SyntheticImages
 from mae_timm.engine.train.config import PretrainConfig
-from mae_timm.engine.train.distributed import cleanup_distributed, init_distributed
+from mae_timm.engine.train.distributed import cleanup_distributed, init_distributed, lost_peer_message
 from mae_timm.engine.train.loop import StopRequest, run, update_batches
 from mae_timm.engine.train.model_setup import build_model
 from mae_timm.engine.train.resume import RunLock, agree_on_resume, check_resumable, data_identity, lock_on_main
 from mae_timm.engine.train.run_output import RunOutput
 from mae_timm.engine.train.trainer import build_trainer
-from mae_timm.utils import NonFiniteLossError, UserError, seed_everything
+from mae_timm.utils import DistributedError, NonFiniteLossError, UserError, seed_everything
 
 __all__ = ["PretrainResult", "pretrain"]
 
@@ -47,7 +48,7 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) pretraining as configured; joins the torchrun process group when there is one."""
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout)
     lock = RunLock(cfg.out)  # one run writes a run folder at a time
     try:
         # a folder another run writes stops here, before it is read: that run's checkpoints are not ours to judge
@@ -119,6 +120,11 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                 print(f"done: {step} of {total_steps} updates, last loss {'none' if loss is None else f'{loss:.4f}'}, "
                       f"checkpoint {last_checkpoint}")
         return PretrainResult(step=step, loss=loss, checkpoint=last_checkpoint, interrupted=interrupted)
+    except RuntimeError as e:
+        # a collective that timed out or lost its peer (gloo raises RuntimeError, nccl DistBackendError): one line
+        if info.distributed and (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise DistributedError(lost_peer_message(e, info.rank, info.world_size, cfg.dist_timeout)) from None
+        raise
     finally:
         lock.release()
         cleanup_distributed()
