@@ -173,3 +173,14 @@ def test_every_script_runs_as_a_module():
     assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("usage:")] == [
         f"{name}.py" for name in SCRIPTS
     ]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("decoder, predict_ratio", [("cross", 1 / 3), ("cross", 1.0), ("self", 0.25)])
+def test_analytic_macs_follow_the_decoder_options(decoder, predict_ratio, training):
+    """The formula follows the cross decoder and a predicted share (training mode; all removed in evaluation)."""
+    model = timm.create_model("mae_vit_test", decoder=decoder, predict_ratio=predict_ratio).train(training)
+    imgs = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        counted = counted_flops(lambda: model(imgs, mask_ratio=0.75)) / 2
+    assert sum(mae_macs(model, 0.75).values()) == pytest.approx(counted, rel=RTOL)
