@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--rounds", type=int, default=12, help="timed updates per arm (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates per arm first")
+    parser.add_argument("--flops-only", action="store_true", help="count FLOPs, time nothing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,6 +84,8 @@ def main() -> None:
                 flops[key] = counted_flops(lambda m=model, x=imgs: m(x, mask_ratio=MASK_RATIO).loss.backward())
                 model.zero_grad(set_to_none=True)
                 updates[key] = make_update(model, imgs)
+    if args.flops_only:
+        updates = {key: lambda: None for key in updates}
     for update in updates.values():
         for _ in range(args.warmup):
             update()
@@ -107,11 +110,16 @@ def main() -> None:
                             f"{'/'.join(f'{x:.1f}' for x in load_after)} after (1 / 5 / 15 min)")
     header = ["model", "batch", "decoder", "predict ratio", "median ms / update", "quartiles (ms)",
               "speed vs self 1", "GFLOP fwd+bwd", "FLOPs saved vs self 1"]
+    if args.flops_only:  # nothing was timed: keep the FLOP columns only
+        header, rows = header[:4] + header[7:], [row[:4] + row[7:] for row in rows]
+        records = [{k: v for k, v in r.items() if k not in ("median_ms", "quartiles_ms", "speed_vs_self_1")}
+                   for r in records]
     table = markdown_table(header, rows)
+    how = ("FLOPs only, nothing timed" if args.flops_only else
+           f"{args.rounds} interleaved rounds after {args.warmup} warm-up updates per arm, {args.threads} threads")
     markdown = (f"# MAE decoders: self-attention vs cross-attention (CrossMAE), per update on the CPU\n\n"
-                f"fp32, mask ratio {MASK_RATIO}, {args.rounds} interleaved rounds after {args.warmup} warm-up "
-                f"updates per arm, {args.threads} threads.\n\n{table}")
-    stem = "decoder_cost_cpu_" + "_".join(args.models)
+                f"fp32, mask ratio {MASK_RATIO}, {how}.\n\n{table}")
+    stem = "decoder_cost_cpu_" + "_".join(args.models) + ("_flops" if args.flops_only else "")
     write_results(args.out, stem, run, dict(cpu=cpu_capability(), arms=records), markdown)
     print(markdown)
 

@@ -87,7 +87,9 @@ def test_flops_script_on_test_models(tmp_path):
     assert flops.main(argv) == 0
     results = json.loads((tmp_path / "flops.json").read_text())
     macs = {(r["model"], r["mask_ratio"]): r["macs"] for r in results["rows"]}
-    assert set(macs) == {(m, r) for m in ("mae_vit_test", "mae_vit_test_early_mask", "apl_vit_test") for r in (0, 0.75)}
+    names = ("mae_vit_test", "mae_vit_test_cross", "mae_vit_test_early_mask", "apl_vit_test")
+    assert set(macs) == {(m, r) for m in names for r in (0, 0.75)}
+    assert macs["mae_vit_test_cross", 0.75]["decoder/head"] < macs["mae_vit_test", 0.75]["decoder/head"]
     assert macs["mae_vit_test", 0.75]["encoder"] < macs["mae_vit_test", 0.0]["encoder"]  # late mask: fewer tokens
     assert macs["mae_vit_test_early_mask", 0.75] == macs["mae_vit_test_early_mask", 0.0]  # early mask: all tokens
     assert macs["apl_vit_test", 0.75]["encoder"] < macs["apl_vit_test", 0.0]["encoder"]  # patch dropout
