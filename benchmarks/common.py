@@ -35,6 +35,8 @@ from torch import nn
 
 from mae_timm.engine.flops import counted_flops
 
+from mae_timm.layers import num_predicted
+
 __all__ = [
     "attention_macs",
     "block_macs",
@@ -128,15 +130,17 @@ def vit_macs(
 def mae_macs(model: nn.Module, mask_ratio: float) -> dict[str, int]:
     """Analytic multiply-adds of one image through a late-mask MAE (``mae.py`` layout), split by part.
 
-    The encoder sees the prefix tokens and ``int(L * (1 - mask_ratio))`` visible patches; the decoder embeds those,
-    then runs on all ``L`` patches plus the prefix tokens and predicts a patch for each of them.
+    The encoder sees the prefix tokens and ``int(L * (1 - mask_ratio))`` visible patches. The official decoder
+    embeds those, then runs on all ``L`` patches plus the prefix tokens and predicts a patch for each. A decoder
+    that predicts ``K`` removed patches (``predict_ratio`` < 1 in training mode; every removed patch for a cross
+    decoder in evaluation mode) runs self-attention over prefix + visible + ``K`` tokens and predicts ``K``, or
+    (``decoder="cross"``) ``K`` queries cross-attend to the prefix + visible tokens.
     """
     num_patches = model.patch_embed.num_patches
     num_prefix = model.num_prefix_tokens  # timm VisionTransformer: cls token (+ register tokens)
     embed_dim, patch_dim = model.patch_embed.proj.out_channels, model.patch_embed.proj.weight[0].numel()
     decoder_dim = model.decoder_embed.out_features
     len_keep = int(num_patches * (1 - mask_ratio))
-    all_tokens = num_patches + num_prefix
     encoder = vit_macs(
         num_patches=len_keep,
         patch_dim=patch_dim,
@@ -145,11 +149,21 @@ def mae_macs(model: nn.Module, mask_ratio: float) -> dict[str, int]:
         mlp_hidden=model.blocks[0].mlp.fc1.out_features,
         num_prefix_tokens=num_prefix,
     )["encoder"]
-    decoder = (
-        (len_keep + num_prefix) * embed_dim * decoder_dim
-        + len(model.decoder_blocks) * block_macs(all_tokens, decoder_dim, model.decoder_blocks[0].mlp.fc1.out_features)
-        + all_tokens * decoder_dim * model.decoder_pred.out_features
-    )
+    depth = len(model.decoder_blocks)
+    mlp_hidden = model.decoder_blocks[0].mlp.fc1.out_features if depth else 0
+    memory = len_keep + num_prefix
+    official = model.decoder_type == "self" and (model.predict_ratio == 1.0 or not model.training)
+    predicted = num_patches + num_prefix if official else num_predicted(
+        num_patches - len_keep, model.predict_ratio if model.training else 1.0)
+    if model.decoder_type == "cross":
+        blocks = depth * (predicted * decoder_dim * 2 * decoder_dim  # q and output projections
+                          + memory * decoder_dim * 2 * decoder_dim  # k and v projections
+                          + 2 * predicted * memory * decoder_dim  # QK^T and AV
+                          + 2 * predicted * decoder_dim * mlp_hidden)
+    else:
+        tokens = predicted if official else memory + predicted
+        blocks = depth * block_macs(tokens, decoder_dim, mlp_hidden)
+    decoder = memory * embed_dim * decoder_dim + blocks + predicted * decoder_dim * model.decoder_pred.out_features
     return {"patch_embed": num_patches * patch_dim * embed_dim, "encoder": encoder, "decoder": decoder}
 
 

@@ -10,6 +10,10 @@ With a norm-pix loss the model predicts every patch normalised by that patch's o
 removed patch are unknown. They are estimated from the visible patches only: each
 removed patch takes the mean and std of the visible patches around it, weighted by a Gaussian of the distance
 in patches; a visible patch keeps its own. No statistic of a removed patch's pixels enters the figure.
+
+The figure is drawn in evaluation mode, where every removed patch is predicted (a decoder that samples a share of
+them in training decodes them all here). A model that does not predict visible patches (a cross-attention
+decoder, ``predicts_visible_patches`` False) has them grey in the reconstruction column.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def reconstruct(
     """Mask, encode and decode a batch of normalised images (N, C, H, W) with a fixed seed.
 
     Returns normalised images (N, C, H, W) 'reconstruction' and 'pasted' (visible patches from the input),
-    'mask' (N, L) with 1 = removed, and 'loss'.
+    'mask' (N, L) with 1 = removed, 'predicted' (N, L) with 1 = predicted by the model, and 'loss'.
     """
     if not (is_pretext_model(model) and model.predicts_pixels):
         raise ValueError(
@@ -98,6 +102,7 @@ def reconstruct(
         reconstruction=unpatchify(pred, patch_size, img_size),
         pasted=unpatchify(patches * (1 - removed) + pred * removed, patch_size, img_size),
         mask=mask,
+        predicted=torch.ones_like(mask) if model.predicts_visible_patches else mask,
         loss=out.loss.float(),
     )
 
@@ -142,15 +147,17 @@ def save_reconstruction_grid(
     """
     out = reconstruct(model, imgs, mask_ratio=mask_ratio, seed=seed)
     patch_size = model.patch_embed.patch_size
-    removed = unpatchify(
-        out["mask"].unsqueeze(-1).expand(-1, -1, patch_size[0] * patch_size[1]), patch_size, imgs.shape[-2:]
-    ).permute(0, 2, 3, 1).cpu()  # (N, H, W, 1), 1 on removed pixels
+    removed, predicted = (
+        unpatchify(out[key].unsqueeze(-1).expand(-1, -1, patch_size[0] * patch_size[1]), patch_size, imgs.shape[-2:])
+        .permute(0, 2, 3, 1).cpu()  # (N, H, W, 1), 1 on removed / predicted pixels
+        for key in ("mask", "predicted")
+    )
     original = to_display(imgs, mean, std)  # (N, H, W, C)
     gray = is_gray(original)  # (N,)
     columns = {
         "original": original,
         "masked": original * (1 - removed) + 0.5 * removed,
-        "reconstruction": to_display(out["reconstruction"], mean, std),
+        "reconstruction": to_display(out["reconstruction"], mean, std) * predicted + 0.5 * (1 - predicted),
         "reconstruction + visible": to_display(out["pasted"], mean, std),
     }
     rows = imgs.shape[0]
@@ -163,6 +170,8 @@ def save_reconstruction_grid(
     note = f"mask ratio {mask_ratio:g}, seed {seed}, loss {out['loss'].item():.4f}"
     if imgs.shape[1] > 1 and gray.any():
         note += f"\ngray input: its {imgs.shape[1]} predicted channels shown as their mean, in gray"
+    if not model.predicts_visible_patches:
+        note += "\nthe cross decoder predicts removed patches only: visible ones are grey in the reconstruction"
     if model.norm_pix_loss:
         note += (
             f"\nnorm-pix: removed patches de-normalised with the mean/std of visible patches\n"

@@ -47,3 +47,18 @@ def images_and_patches(draw, max_batch=3, max_chans=4, max_patch=5, max_grid=5):
     g = torch.Generator().manual_seed(draw(seeds))
     imgs = torch.randn(n, c, gh * ph, gw * pw, generator=g).to(draw(dtypes))
     return imgs, (ph, pw)
+
+predict_ratios = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_nan=False)
+bad_predict_ratios = st.one_of(
+    st.floats(max_value=0.0, allow_nan=False),
+    st.floats(min_value=1.0, exclude_min=True, allow_nan=False),
+)
+
+
+@st.composite
+def noise_batches(draw, max_batch=6, max_length=64):
+    """(noise (N, L) in [0, 1), mask_ratio, predict_ratio) for the predicted-subset op."""
+    batch = draw(st.integers(1, max_batch))
+    length = draw(st.integers(1, max_length))
+    noise = torch.rand(batch, length, generator=torch.Generator().manual_seed(draw(seeds)))
+    return noise, draw(mask_ratios), draw(predict_ratios)

@@ -12,6 +12,7 @@ from mae_timm.layers.masking import (
 )
 from mae_timm.layers.patchify import patchify, unpatchify
 from mae_timm.layers.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
+from mae_timm.layers.prediction_subset import num_predicted, predicted_ids
 
 __all__ = [
     "block_masking",
@@ -20,7 +21,9 @@ __all__ = [
     "grid_masking",
     "ids_from_noise",
     "num_kept",
+    "num_predicted",
     "patchify",
+    "predicted_ids",
     "random_masking",
     "random_masking_ids",
     "resample_pos_embed",

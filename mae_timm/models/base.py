@@ -19,7 +19,9 @@ A pretext model is an ``nn.Module`` (usually a timm ``VisionTransformer`` subcla
 What the engine reads besides: :meth:`PretextModel.input_size` and :meth:`PretextModel.input_channels` (the images
 its loaders produce), both derived from ``encoder_kwargs()``. The engine admits any model that honours this
 contract (:func:`is_pretext_model`), wherever it is defined.
-Pixel models (``predicts_pixels = True``) also hold ``norm_pix_loss``, the one switch of the loss target.
+Pixel models (``predicts_pixels = True``) also hold ``norm_pix_loss``, the one switch of the loss target, and
+``predicts_visible_patches``: whether ``pred`` holds the visible patches too in evaluation mode (False for a
+cross-attention decoder, which predicts removed patches only; its ``pred`` is 0 there).
 ``tests/models/test_models_registry.py`` checks every model a ``mae_timm`` module registers against this contract.
 """
 
@@ -35,8 +37,10 @@ __all__ = ["PretextModel", "PretextOutput", "PuzzleOutput", "ReconstructionOutpu
 class ReconstructionOutput(NamedTuple):
     """What a pixel model returns; unpacks as the official ``loss, pred, mask = model(imgs, mask_ratio=0.75)``."""
 
-    loss: torch.Tensor  # () mean loss over the removed patches (or all patches, when the model says so)
-    pred: torch.Tensor  # (N, L, p*p*C) predicted pixels of every patch (normalised per patch under norm-pix loss)
+    loss: torch.Tensor  # () mean loss over the predicted removed patches (or all patches, when the model says so)
+    # (N, L, p*p*C) predicted pixels (normalised per patch under norm-pix loss); 0 at patches the decoder does not
+    # predict (a sampled decoder's unsampled patches in training, a cross decoder's visible ones)
+    pred: torch.Tensor
     mask: torch.Tensor  # (N, L) 1 = removed, 0 = kept
 
     @property

@@ -86,6 +86,7 @@ class PixelReconstruction(PretextModel):
     predicts_pixels = True
     takes_mask_ratio = True
     norm_pix_loss: bool  # the one switch of the loss target: per-patch normalised pixels (True) or raw pixels
+    predicts_visible_patches: bool = True  # pred holds the visible patches too (evaluation mode)
     _encoder_architecture: str
     _encoder_args: dict
 

@@ -253,6 +253,9 @@ def _check_hf_convertible(model: nn.Module) -> None:
     img_size, patch = model.patch_embed.img_size, model.patch_embed.patch_size
     if img_size[0] != img_size[1] or patch[0] != patch[1]:
         raise ValueError(f"HF ViTMAE needs square images and patches, got img_size {img_size}, patch {patch}")
+    if model.decoder_type != "self":
+        raise ValueError(f"HF ViTMAE has MAE's self-attention decoder only, not decoder={model.decoder_type!r}; "
+                         "export the encoder (--format timm)")
     if model.loss_on_all_patches:
         raise ValueError("HF ViTMAE computes the loss on removed patches only; set loss_on_all_patches=False")
     def plain(block: nn.Module) -> bool:  # HF's ViTLayer: GELU MLP, qkv bias, no LayerScale or qk-norm

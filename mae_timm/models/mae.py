@@ -5,6 +5,13 @@ tokens, never masked); a light decoder gets the encoded tokens and shared mask t
 order, adds a fixed sin-cos position table and predicts the pixels of every patch; the loss is the MSE on the
 removed patches.
 
+A cheaper decoder is an option (``decoder="cross"``, CrossMAE, Fu et al., 2024, https://arxiv.org/abs/2401.14391):
+queries for the removed patches cross-attend to the encoder's tokens (``cross_decoder.py``), and ``predict_ratio``
+< 1 decodes a random share of the removed patches only (either decoder), the loss taken over that share. Training
+mode samples the share; evaluation mode predicts every removed patch (figures need a whole reconstruction; a cross
+decoder's prediction of a patch does not depend on which other patches are decoded). The default decoder
+(``"self"``, ratio 1) is the official one, keys and numerics.
+
 What differs from the official `models_mae.py`: the encoder is any timm `VisionTransformer`, adopted at the top
 level (`pretext_vit.PretextViT`), so `forward_features`, `forward_intermediates`, grad checkpointing and timm's
 loaders work and the encoder's keys are timm's. The registered models are this same class built from a named
@@ -22,13 +29,18 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch.utils.checkpoint import checkpoint
 
-from mae_timm.layers import gather_tokens, resample_pos_embed, restore_tokens
+from mae_timm.layers import gather_tokens, predicted_ids, resample_pos_embed, restore_tokens
 from mae_timm.models.base import ReconstructionOutput
 from mae_timm.models.common import mask_ids_for, pretext_cfg
+from mae_timm.models.cross_decoder import CrossAttentionBlock
 from mae_timm.models.pretext_vit import PretextViT, check_head_kwargs, decoder_norm_layer, sincos_table
 
-__all__ = ["MaskedAutoencoderViT", "checkpoint_filter_fn"]
+__all__ = ["DECODERS", "MaskedAutoencoderViT", "checkpoint_filter_fn"]
+
+# decoder kinds: "self" (MAE's self-attention over visible + mask tokens), "cross" (CrossMAE's cross-attention)
+DECODERS = ("self", "cross")
 
 
 class MaskedAutoencoderViT(PretextViT):
@@ -39,10 +51,14 @@ class MaskedAutoencoderViT(PretextViT):
     ``mae_init=True`` is the official recipe for the encoder too (frozen sin-cos table, xavier init); otherwise
     the encoder keeps timm's init and its own position table. The decoder's MLP ratio follows the encoder's
     ``mlp_ratio`` kwarg (4 when not given), as in the official code.
+
+    ``decoder`` is ``"self"`` (the official blocks) or ``"cross"`` (:class:`CrossAttentionBlock`, the same
+    ``decoder_*`` sizes); ``predict_ratio`` in (0, 1] is the share of the removed patches decoded in training
+    (``mae_timm.layers.num_predicted`` rounds it). Both leave the encoder, and so the export, unchanged.
     """
 
     pretext_options = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "decoder_mlp_ratio",
-                       "norm_pix_loss", "loss_on_all_patches", "mask_type", "mae_init")
+                       "norm_pix_loss", "loss_on_all_patches", "mask_type", "mae_init", "decoder", "predict_ratio")
     pretext_keys = ("decoder_", "mask_token")
     pretext_no_weight_decay = {"mask_token", "decoder_pos_embed"}
 
@@ -57,9 +73,21 @@ class MaskedAutoencoderViT(PretextViT):
         loss_on_all_patches: bool = False,
         mask_type: str = "random",
         mae_init: bool = False,
+        decoder: str = "self",
+        predict_ratio: float = 1.0,
         **encoder_kwargs,
     ):
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
+        if not 0.0 < predict_ratio <= 1.0:
+            raise ValueError(f"predict_ratio must be in (0, 1], got {predict_ratio}")
+        if loss_on_all_patches and (decoder == "cross" or predict_ratio < 1.0):
+            raise ValueError("loss_on_all_patches needs decoder='self' and predict_ratio=1 (the others predict "
+                             "removed patches only)")
         self.adopt_encoder(encoder, encoder_kwargs)
+        self.decoder_type = decoder
+        self.predicts_visible_patches = decoder == "self"
+        self.predict_ratio = predict_ratio
         self.norm_pix_loss = norm_pix_loss
         self.loss_on_all_patches = loss_on_all_patches
         self.mask_type = mask_type
@@ -74,9 +102,10 @@ class MaskedAutoencoderViT(PretextViT):
         self.decoder_pos_embed = nn.Parameter(
             torch.zeros(1, prefix + num_patches, decoder_embed_dim), requires_grad=False
         )
+        block = Block if decoder == "self" else CrossAttentionBlock
         self.decoder_blocks = nn.ModuleList(
             [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
                 for _ in range(decoder_depth)
             ]
         )
@@ -116,14 +145,66 @@ class MaskedAutoencoderViT(PretextViT):
         x = self.decoder_pred(x)
         return x[:, prefix:, :]  # remove the prefix tokens
 
+    def forward_subset_decoder(
+        self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_pred: torch.Tensor
+    ) -> torch.Tensor:
+        """The self-attention decoder over the visible tokens and the mask tokens of ``ids_pred`` only:
+        latent (N, P + len_keep, D), ids_keep (N, len_keep), ids_pred (N, K) -> pred (N, K, p*p*C).
+
+        Attention does not depend on token order, so at ``ids_pred`` = every removed patch this equals
+        :meth:`forward_decoder` there (up to float rounding).
+        """
+        prefix = self.num_prefix_tokens
+        x = self.decoder_embed(self.fc_norm(latent))  # (N, P + len_keep, Dd)
+        patch_pos = self.decoder_pos_embed[:, prefix:, :].expand(x.shape[0], -1, -1)  # (N, L, Dd)
+        visible = x[:, prefix:, :] + gather_tokens(patch_pos, ids_keep)
+        queries = self.mask_token.to(x.dtype) + gather_tokens(patch_pos, ids_pred)  # (N, K, Dd)
+        x = torch.cat([x[:, :prefix, :] + self.decoder_pos_embed[:, :prefix, :], visible, queries], dim=1)
+        x = self.run_blocks(self.decoder_blocks, x)
+        x = x[:, x.shape[1] - ids_pred.shape[1]:, :]  # the queries' outputs, (N, K, Dd)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def forward_cross_decoder(self, latent: torch.Tensor, ids_pred: torch.Tensor) -> torch.Tensor:
+        """The cross-attention decoder: latent (N, P + len_keep, D), ids_pred (N, K) -> pred (N, K, p*p*C).
+
+        Queries are the mask token + the decoder position rows of ``ids_pred``; keys and values the encoder's
+        tokens (prefix included) in decoder width.
+        """
+        prefix = self.num_prefix_tokens
+        memory = self.decoder_embed(self.fc_norm(latent))  # (N, P + len_keep, Dd)
+        patch_pos = self.decoder_pos_embed[:, prefix:, :].expand(memory.shape[0], -1, -1)  # (N, L, Dd)
+        x = self.mask_token.to(memory.dtype) + gather_tokens(patch_pos, ids_pred)  # (N, K, Dd)
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        for block in self.decoder_blocks:
+            x = checkpoint(block, x, memory, use_reentrant=False) if checkpointed else block(x, memory)
+        return self.decoder_pred(self.decoder_norm(x))
+
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> ReconstructionOutput:
-        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L)), a named tuple."""
+        """imgs (N, C, H, W) -> (loss, pred (N, L, p*p*C), mask (N, L)), a named tuple.
+
+        With the official decoder (``"self"``, and ``predict_ratio`` 1 or evaluation mode) ``pred`` holds every
+        patch and the loss is over the removed ones. Otherwise the decoder predicts the removed patches of
+        ``predicted_ids`` (a ``predict_ratio`` share in training, all of them in evaluation mode), ``pred`` is 0 at
+        every other patch and the loss is the mean over the predicted ones.
+        """
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
-        return ReconstructionOutput(loss, pred, mask)
+        if self.decoder_type == "self" and (self.predict_ratio == 1.0 or not self.training):
+            pred = self.forward_decoder(latent, ids_restore)
+            return ReconstructionOutput(self.forward_loss(imgs, pred, mask), pred, mask)
+        len_keep = latent.shape[1] - self.num_prefix_tokens
+        ids_pred = predicted_ids(ids_restore, len_keep, self.predict_ratio if self.training else 1.0)  # (N, K)
+        if self.decoder_type == "cross":
+            pred = self.forward_cross_decoder(latent, ids_pred)
+        else:
+            ids_keep = torch.argsort(ids_restore, dim=1)[:, :len_keep]
+            pred = self.forward_subset_decoder(latent, ids_keep, ids_pred)
+        batch, length = mask.shape
+        index = ids_pred.unsqueeze(-1).expand(-1, -1, pred.shape[-1])  # (N, K, p*p*C)
+        pred = pred.new_zeros(batch, length, pred.shape[-1]).scatter(1, index, pred)  # (N, L, p*p*C)
+        predicted = mask.new_zeros(batch, length).scatter(1, ids_pred, 1.0)  # (N, L), 1 = predicted
+        return ReconstructionOutput(self.forward_loss(imgs, pred, predicted), pred, mask)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: MaskedAutoencoderViT) -> dict:
@@ -178,6 +259,13 @@ default_cfgs = generate_default_cfgs(
         ),
         "mae_vit_small_patch8_64.untrained": pretext_cfg(
             **_TINY_IMAGENET, notes=("Tiny-ImageNet preset: 64 px, patch 8, decoder 256 d x 4 blocks",)
+        ),
+        "mae_vit_tiny_patch8_64_cross.untrained": pretext_cfg(
+            **_TINY_IMAGENET, notes=("Tiny-ImageNet preset with CrossMAE's decoder: 4 cross-attention blocks of 128 d "
+                                     "decode 1/3 of the removed patches",)
+        ),
+        "mae_vit_test_cross.untrained": pretext_cfg(
+            input_size=(3, 32, 32), crop_pct=1.0, license="apache-2.0", notes=("tiny cross-decoder config for tests",)
         ),
         "mae_vit_test.untrained": pretext_cfg(
             input_size=(3, 32, 32), crop_pct=1.0, license="apache-2.0", notes=("tiny config for tests",)
@@ -243,6 +331,25 @@ def mae_vit_test(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
     model_args = dict(encoder="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                       decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **_OFFICIAL)
     return _create_mae("mae_vit_test", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# CrossMAE's decoder: at mask ratio 0.75 it decodes 1/3 of the removed patches (25 % of all patches, the paper's
+# default prediction ratio), with cross-attention to the encoder's tokens
+_CROSS = dict(decoder="cross", predict_ratio=1 / 3)
+
+
+@register_model
+def mae_vit_tiny_patch8_64_cross(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
+    model_args = dict(encoder="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                      decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4, **_CROSS, **_OFFICIAL)
+    return _create_mae("mae_vit_tiny_patch8_64_cross", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def mae_vit_test_cross(pretrained: bool = False, **kwargs) -> MaskedAutoencoderViT:
+    model_args = dict(encoder="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **_CROSS, **_OFFICIAL)
+    return _create_mae("mae_vit_test_cross", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

@@ -87,7 +87,9 @@ def test_flops_script_on_test_models(tmp_path):
     assert flops.main(argv) == 0
     results = json.loads((tmp_path / "flops.json").read_text())
     macs = {(r["model"], r["mask_ratio"]): r["macs"] for r in results["rows"]}
-    assert set(macs) == {(m, r) for m in ("mae_vit_test", "mae_vit_test_early_mask", "apl_vit_test") for r in (0, 0.75)}
+    names = ("mae_vit_test", "mae_vit_test_cross", "mae_vit_test_early_mask", "apl_vit_test")
+    assert set(macs) == {(m, r) for m in names for r in (0, 0.75)}
+    assert macs["mae_vit_test_cross", 0.75]["decoder/head"] < macs["mae_vit_test", 0.75]["decoder/head"]
     assert macs["mae_vit_test", 0.75]["encoder"] < macs["mae_vit_test", 0.0]["encoder"]  # late mask: fewer tokens
     assert macs["mae_vit_test_early_mask", 0.75] == macs["mae_vit_test_early_mask", 0.0]  # early mask: all tokens
     assert macs["apl_vit_test", 0.75]["encoder"] < macs["apl_vit_test", 0.0]["encoder"]  # patch dropout
@@ -173,3 +175,14 @@ def test_every_script_runs_as_a_module():
     assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("usage:")] == [
         f"{name}.py" for name in SCRIPTS
     ]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("decoder, predict_ratio", [("cross", 1 / 3), ("cross", 1.0), ("self", 0.25)])
+def test_analytic_macs_follow_the_decoder_options(decoder, predict_ratio, training):
+    """The formula follows the cross decoder and a predicted share (training mode; all removed in evaluation)."""
+    model = timm.create_model("mae_vit_test", decoder=decoder, predict_ratio=predict_ratio).train(training)
+    imgs = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        counted = counted_flops(lambda: model(imgs, mask_ratio=0.75)) / 2
+    assert sum(mae_macs(model, 0.75).values()) == pytest.approx(counted, rel=RTOL)

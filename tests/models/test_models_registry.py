@@ -60,7 +60,8 @@ def test_registry_lists_the_issue_names():
     expected = {
         "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14", "mae_vit_base_patch16_dec512d8b",
         "mae_vit_large_patch16_dec512d8b", "mae_vit_huge_patch14_dec512d8b", "mae_vit_tiny_patch8_64",
-        "mae_vit_small_patch8_64", "mae_vit_tiny_early_mask", "mae_vit_small_early_mask", "mae_vit_test",
+        "mae_vit_small_patch8_64", "mae_vit_tiny_patch8_64_cross", "mae_vit_test_cross",
+        "mae_vit_tiny_early_mask", "mae_vit_small_early_mask", "mae_vit_test",
         "mae_vit_test_early_mask", "apl_vit_tiny_64", "apl_vit_small_64", "apl_vit_seed_96", "apl_vit_test",
     }
     assert expected <= set(PRETEXT_MODELS)
