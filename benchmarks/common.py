@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from mae_timm.engine.flops import counted_flops
-
 from mae_timm.layers import num_predicted
 
 __all__ = [
