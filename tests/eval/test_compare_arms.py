@@ -12,7 +12,7 @@ from mae_timm.cli import main
 from mae_timm.engine.checkpoint import load_model
 from mae_timm.engine.eval import evaluate
 from mae_timm.engine.eval.compare import CompareConfig, parse_arm, parse_arms
-from mae_timm.engine.eval.compare.budget import arm_updates, budget_rates
+from mae_timm.engine.eval.compare.budget import arm_updates, budget_rates, pretrain_config
 from mae_timm.engine.eval.features import extract_features, normalizer
 from mae_timm.engine.eval.splits import MemoryLoader, load_split
 from mae_timm.utils import UserError
@@ -57,6 +57,17 @@ def test_budgets_give_equal_flops_or_equal_wall_time():
     rates = {"mae": dict(flops_per_update=10, updates_per_s=2.0), "mae@compute": dict(flops_per_update=20),
              "mae{mask_ratio=0.9}@wall": dict(flops_per_update=5, updates_per_s=3.0)}
     assert [arm_updates(cfg, a, rates) for a in cfg.arm_list] == [100, 50, 150, 0]
+
+
+def test_an_arm_warms_up_for_its_share_of_its_own_updates_however_short_the_run(tmp_path):
+    cfg = CompareConfig(data="x", arms="mae,mae{batch_size=128,warmup_fraction=0.1}")
+    info = dict(channels=1, mean=[0.3], std=[0.3], splits=dict(train=dict(num_samples=60000)))
+    for arm, updates, batch, share in ((cfg.arm_list[0], 750, 256, 0.05), (cfg.arm_list[1], 3000, 128, 0.1)):
+        pcfg = pretrain_config(cfg, arm, 0, info, updates, tmp_path)
+        per_epoch = 60000 // batch
+        assert pcfg.max_steps == updates and pcfg.batch_size == batch
+        assert pcfg.warmup_epochs * per_epoch == pytest.approx(share * updates)  # 37.5 updates, not 0 epochs
+        assert (pcfg.epochs - 1) * per_epoch < updates <= pcfg.epochs * per_epoch
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,9 @@ class PretrainConfig:
     batch_size: int = 256  # images per rank per micro-step (global batch = batch_size * accum_steps * world size)
     accum_steps: int = 1  # micro-steps per optimizer update (gradient accumulation)
     epochs: int = 100  # length of the cosine schedule
-    warmup_epochs: int = 5  # linear warmup from 0, below `epochs` (MAE: 40 of 800; scaled down for short schedules)
+    # linear warmup from 0, below `epochs` (MAE: 40 of 800; scaled down for short schedules); fractions of an epoch
+    # are allowed: the schedule steps per update
+    warmup_epochs: float = 5
     max_steps: int = 0  # stop after this many updates (0: run all epochs); the schedule still spans `epochs`
     blr: float = 1.5e-4  # MAE base lr: lr = blr * global batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set

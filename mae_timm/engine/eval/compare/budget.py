@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from mae_timm.engine.eval.compare.arms import BUILTIN_ARMS, REFERENCE, Arm, parse_arm
 from mae_timm.engine.eval.compare.config import CompareConfig
-from mae_timm.engine.eval.optim import fit_warmup
 from mae_timm.engine.flops import update_flops
 from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.distributed import DistInfo
@@ -53,7 +52,7 @@ def pretrain_config(cfg: CompareConfig, arm: Arm, seed: int, info: dict, updates
                      model_kwargs={**encoder, **decoder, "mae_init": False, **stats, **arm.model_kwargs})
     per_epoch = max(info["splits"][cfg.train_split]["num_samples"] // recipe.batch_size, 1)
     epochs = -(-updates // per_epoch)
-    warmup = fit_warmup(round(recipe.warmup_fraction * epochs), epochs)
+    warmup = recipe.warmup_fraction * updates / per_epoch  # in epochs, a share of this arm's updates
     return PretrainConfig(
         **model, img_size=encoder["img_size"], data=cfg.data, split=cfg.train_split, batch_size=recipe.batch_size,
         blr=recipe.blr, mask_ratio=recipe.mask_ratio, norm_pix_loss=recipe.norm_pix_loss,

@@ -43,7 +43,7 @@ class CompareConfig:
     mask_ratio: float = 0.75  # share of patches removed in pretraining
     norm_pix_loss: bool = True  # MAE: per-patch normalised pixel targets
     crop_scale_min: float = 0.5  # pretraining RandomResizedCrop scale (crop_scale_min, 1)
-    warmup_fraction: float = 0.05  # share of the pretraining epochs spent in linear warmup
+    warmup_fraction: float = 0.05  # share of each arm's pretraining updates spent in linear warmup
     curve_points: int = 2  # checkpoints per pretraining run measured by kNN on the hold-out (accuracy vs updates)
     curve_bank: int = 10000  # bank images for those curve points (a subset: the curve is a trend, not a result)
     knn_k: str = "10,20,50,100"  # kNN k candidates (chosen on the hold-out)
