@@ -4,6 +4,7 @@ the reference arm ``mae``."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from mae_timm.utils import seed_everything
 
 __all__ = ["arm_model", "arm_updates", "budget_rates", "encoder_kwargs", "pretrain_config"]
 
-WARMUP_UPDATES, TIMED_UPDATES = 3, 10  # the short timed run behind an @wall budget
+WARMUP_UPDATES, ROUNDS, UPDATES_PER_ROUND = 3, 7, 2  # the timing behind an @wall budget
 
 
 def encoder_kwargs(cfg: CompareConfig, in_chans: int) -> dict:
@@ -71,37 +72,58 @@ def arm_model(pcfg: PretrainConfig, seed: int, device: torch.device | None = Non
     return model
 
 
-def _updates_per_second(pcfg: PretrainConfig, device: torch.device) -> float:
-    """Pretraining updates per second of ``pcfg``'s model on random images (after a warm-up), as the loop runs them."""
+def _timed_step(pcfg: PretrainConfig, device: torch.device):
+    """A function running one pretraining update of ``pcfg``'s model on random images, as the loop runs them."""
     model = arm_model(pcfg, 0, device).to(device).train()
     trainer = build_trainer(pcfg, model, DistInfo(device=device), lr=pcfg.blr * pcfg.batch_size / 256,
-                            updates_per_epoch=WARMUP_UPDATES + TIMED_UPDATES)
+                            updates_per_epoch=WARMUP_UPDATES + ROUNDS * UPDATES_PER_ROUND)
     size, chans = model.input_size(), model.input_channels()
     imgs = torch.randint(0, 256, (pcfg.batch_size, chans, size, size), dtype=torch.uint8)
-    for update in range(WARMUP_UPDATES + TIMED_UPDATES):
-        if update == WARMUP_UPDATES:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+    done = iter(range(10**9))
+
+    def step() -> None:
+        trainer.step(next(done), [imgs])["loss"].item()  # .item() waits for the device
+
+    return step
+
+
+def _updates_per_second(pcfgs: dict[str, PretrainConfig], device: torch.device) -> dict[str, float]:
+    """Updates per second of each run, timed in turns (round r times every run once, in a rotated order), so a load
+    that comes and goes on a shared machine falls on every run alike; the median round of each is kept."""
+    steps = {name: _timed_step(pcfg, device) for name, pcfg in pcfgs.items()}
+    for step in steps.values():
+        for _ in range(WARMUP_UPDATES):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-        stats = trainer.step(update, [imgs])
-    stats["loss"].item()  # waits for the device
-    return TIMED_UPDATES / (time.perf_counter() - start)
+            for _ in range(UPDATES_PER_ROUND):
+                steps[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: UPDATES_PER_ROUND / statistics.median(s) for name, s in seconds.items()}
 
 
 def budget_rates(cfg: CompareConfig, arms: list[Arm], info: dict, device: torch.device, known: dict) -> dict:
     """Per arm that pretrains and the reference: FLOPs of an update and, for @wall arms and the reference when one
-    is asked for, updates per second measured here. ``known`` (a resumed compare's record) is kept as it is."""
+    is asked for, updates per second measured here (all of them in one interleaved timing). ``known`` (a resumed
+    compare's record) is kept as it is."""
     needs_wall = any(arm.budget == "wall" for arm in arms)
     reference = parse_arm(REFERENCE)
+    to_time = {}
     for arm in [a for a in arms if a.pretrains] + [reference]:
-        entry = dict(known.get(arm.name, {}))
+        entry = known.setdefault(arm.name, {})
         pcfg = pretrain_config(cfg, arm, 0, info, 1, Path(cfg.out) / "unused")
         if "flops_per_update" not in entry:
             entry["flops_per_update"] = update_flops(arm_model(pcfg, 0), pcfg.batch_size, pcfg.mask_ratio)
         if "updates_per_s" not in entry and (arm.budget == "wall" or (arm.name == REFERENCE and needs_wall)):
-            entry["updates_per_s"] = _updates_per_second(pcfg, device)
-            entry["rate_measured_with"] = f"{TIMED_UPDATES} updates after {WARMUP_UPDATES}, random images, {device}"
-        known[arm.name] = entry
+            to_time[arm.name] = pcfg
+    if to_time:
+        how = (f"median of {ROUNDS} interleaved rounds of {UPDATES_PER_ROUND} updates after {WARMUP_UPDATES}, random "
+               f"images, {device}")
+        for name, rate in _updates_per_second(to_time, device).items():
+            known[name].update(updates_per_s=rate, rate_measured_with=how)
     return known
 
 
