@@ -81,11 +81,15 @@ def shards(tmp_path_factory):
 
 def test_wall_rates_are_measured_and_a_bad_model_setting_is_one_line(shards):
     info = dict(mean=[0.5] * 3, std=[0.25] * 3, splits=dict(train=dict(num_samples=36)), channels=3)
-    cfg = CompareConfig(data=str(shards), arms="mae{decoder_depth=2}@wall", encoder=json.loads(TINY), batch_size=8,
-                        decoder=dict(decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2))
+    decoder = dict(decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2)
+    cfg = CompareConfig(data=str(shards), arms="mae{decoder_depth=2}@wall,mae{blr=3e-3}@wall", batch_size=8,
+                        encoder=json.loads(TINY), decoder=decoder)
     rates = budget_rates(cfg, cfg.arm_list, info, torch.device("cpu"), {})
-    arm, ref = rates["mae{decoder_depth=2}@wall"], rates["mae"]
+    arm, ref, lr = rates["mae{decoder_depth=2}@wall"], rates["mae"], rates["mae{blr=3e-3}@wall"]
     assert arm["updates_per_s"] > 0 and ref["updates_per_s"] > 0 and arm["flops_per_update"] > ref["flops_per_update"]
+    # another lr costs nothing per update: that arm takes the reference's timing, so noise cannot split their budgets
+    assert lr["updates_per_s"] == ref["updates_per_s"] and "the timing of mae " in lr["rate_measured_with"]
+    assert arm["updates_per_s"] != ref["updates_per_s"]
     bad = CompareConfig(data=str(shards), arms="mae{decoder_depht=2}", encoder=json.loads(TINY))
     with pytest.raises(UserError, match="decoder_depht") as error:
         budget_rates(bad, bad.arm_list, info, torch.device("cpu"), {})

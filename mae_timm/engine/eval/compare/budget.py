@@ -112,7 +112,7 @@ def budget_rates(cfg: CompareConfig, arms: list[Arm], info: dict, device: torch.
     needs_wall = any(arm.budget == "wall" for arm in arms)
     reference = parse_arm(REFERENCE)
     to_time = {}
-    for arm in [a for a in arms if a.pretrains] + [reference]:
+    for arm in [reference] + [a for a in arms if a.pretrains]:  # the reference first: others share its timing
         entry = known.setdefault(arm.name, {})
         pcfg = pretrain_config(cfg, arm, 0, info, 1, Path(cfg.out) / "unused")
         if "flops_per_update" not in entry:
@@ -120,10 +120,22 @@ def budget_rates(cfg: CompareConfig, arms: list[Arm], info: dict, device: torch.
         if "updates_per_s" not in entry and (arm.budget == "wall" or (arm.name == REFERENCE and needs_wall)):
             to_time[arm.name] = pcfg
     if to_time:
+        # an update's time depends on the model, its batch and the mask ratio, not on lr, augmentation or schedule:
+        # arms alike in those share one timing (timing noise cannot give them different budgets)
+        def cost_key(pcfg: PretrainConfig) -> str:
+            return repr((pcfg.model, pcfg.model_kwargs, pcfg.pretext, pcfg.encoder, pcfg.encoder_kwargs,
+                         pcfg.batch_size, pcfg.mask_ratio))
+
+        timed = {}
+        for name, pcfg in to_time.items():
+            timed.setdefault(cost_key(pcfg), (name, pcfg))
+        rates = _updates_per_second(dict(timed.values()), device)
         how = (f"median of {ROUNDS} interleaved rounds of {UPDATES_PER_ROUND} updates after {WARMUP_UPDATES}, random "
                f"images, {device}")
-        for name, rate in _updates_per_second(to_time, device).items():
-            known[name].update(updates_per_s=rate, rate_measured_with=how)
+        for name, pcfg in to_time.items():
+            shared = timed[cost_key(pcfg)][0]
+            known[name].update(updates_per_s=rates[shared], rate_measured_with=how if shared == name else
+                               f"{how}; the timing of {shared} (same model, batch and mask ratio)")
     return known
 
 
