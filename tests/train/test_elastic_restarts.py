@@ -33,6 +33,8 @@ def test_a_killed_rank_restarts_the_group_and_resumes_exactly(reference, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MAE_TIMM_STOPPED_RANK"), reason="set MAE_TIMM_STOPPED_RANK=1 (about 75 s: "
+                    "most of it torchrun's 30 s grace before it kills the stopped rank)")
 def test_a_stopped_rank_ends_the_group_with_one_line_within_the_timeout(tmp_path):
     result = run_with_signal(tmp_path / "run", sig=signal.SIGSTOP, max_restarts=0, dist_timeout=5, after_step=2,
                              timeout=120)
