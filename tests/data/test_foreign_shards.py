@@ -82,8 +82,11 @@ def test_index_pretrain_knn_and_timm_read_shardwriter_shards(kind, tmp_path, cap
     assert info["mean"][0] > info["mean"][1] - 0.2 and all(0 < s < 0.5 for s in info["std"])
 
     assert main(pretrain_args(folder, tmp_path / "run")) == 0
+    capsys.readouterr()
     assert main(["knn", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(folder),
                  "--num-workers", "0", "--device", "cpu"]) == 0
+    used = "cls" if kind.endswith("cls") else "json:label"
+    assert f"train from {used}, validation from {used}" in capsys.readouterr().out  # evaluation names its labels
     assert json.loads((tmp_path / "run" / "knn.json").read_text())["num_val"] == 8
 
     dataset = timm.data.create_dataset("wds/foreign", root=str(folder), split="validation", is_training=False)

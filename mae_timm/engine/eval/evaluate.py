@@ -84,6 +84,8 @@ def create_loaders(model: nn.Module, data: EvalData, train_batch_size: int | Non
             in_chans=in_chans, num_workers=data.num_workers, seed=seed,
         )
     val_loader = create_loader(data.data, data.val_split, data.batch_size, **evaluation)
+    print(f"labels of {data.data}: {data.train_split} from {train_loader.label_key}, {data.val_split} from "
+          f"{val_loader.label_key}")
     return train_loader, val_loader
 
 
