@@ -35,6 +35,7 @@ from webdataset.shardlists import expand_urls
 
 from mae_timm.data import remote
 from mae_timm.data.decode import IMAGE_FIELDS, MAX_PIXELS
+from mae_timm.data.shard_set import split_sources
 from mae_timm.data.shards import FORMAT_VERSION, INFO_NAME
 from mae_timm.data.sources import DataError
 from mae_timm.data.stream import RESERVED_NAME, json_label
@@ -54,7 +55,7 @@ def shard_urls(source: str) -> list[str]:
         if not urls:
             raise DataError(f"{source} holds no .tar shards")
         return urls
-    urls = [u for part in source.split(",") if part for u in expand_urls(part)]
+    urls = [u for part in split_sources(source) for u in expand_urls(part)]
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(_path(u))]
     if missing:
         raise DataError(f"{len(missing)} of {len(urls)} shards named by {source!r} are missing, first {missing[0]}")

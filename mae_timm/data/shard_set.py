@@ -17,7 +17,7 @@ from mae_timm.data.remote import RemoteError, read_url
 from mae_timm.data.shards import INFO_NAME, parse_info, read_info
 from mae_timm.data.sources import DataError
 
-__all__ = ["ShardSet", "resolve_shards", "shards_for_reader"]
+__all__ = ["ShardSet", "resolve_shards", "shards_for_reader", "split_sources"]
 
 
 @dataclass
@@ -81,6 +81,18 @@ def _lengths_from_stats(urls: list[str]) -> list[int] | None:
     return lengths
 
 
+def split_sources(text: str) -> list[str]:
+    """A comma-separated list of shard sources, split at the commas outside braces: ``a.tar,b.tar`` is two,
+    ``shard-{train,val}-{0..3}.tar`` one brace pattern."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p for p in parts + [text[start:]] if p]
+
+
 def remote_folder(source) -> str | None:
     """The url of a remote shard directory (``http(s)://host/path/``, ending in ``/`` or in ``/_info.json``),
     with its trailing ``/``; None for anything else."""
@@ -126,7 +138,8 @@ def resolve_shards(source: str | os.PathLike | Sequence[str], split: str, num_sa
         shard_set = ShardSet(urls, list(entry["shard_lengths"]), entry["num_samples"], info, entry.get("sha256"),
                              label_field)
     else:
-        urls = expand_urls(str(source)) if isinstance(source, (str, os.PathLike)) else [str(u) for u in source]
+        named = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+        urls = [u for name in named for u in expand_urls(str(name))]  # brace patterns expanded, each item
         lengths, digests, info = _lengths_from_info(urls) if urls else (None, None, {})
         if lengths is None and urls:
             lengths = _lengths_from_stats(urls)

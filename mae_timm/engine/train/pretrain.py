@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mae_timm import __version__
-from mae_timm.data import GpuAugment, create_loader, read_info
+from mae_timm.data import GpuAugment, create_loader, read_info, split_sources
 from mae_timm.data.synthetic import SyntheticImages
 from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.distributed import cleanup_distributed, init_distributed, lost_peer_message
@@ -138,7 +138,8 @@ def _create_loader(cfg: PretrainConfig, model: nn.Module, *, split: str, train: 
         return SyntheticImages(cfg.synthetic_samples, batch_size, img_size, cfg.seed, rank if train else 0, in_chans)
     if cfg.data is None:
         raise UserError("no data: pass --data SHARD_DIR (made by `mae-timm shards`) or --synthetic")
-    source = cfg.data.split(",") if "," in cfg.data else cfg.data
+    sources = split_sources(cfg.data)
+    source = sources if len(sources) > 1 else cfg.data
     return create_loader(source, split, batch_size, train=train, img_size=img_size, in_chans=in_chans,
                          num_workers=cfg.num_workers, seed=cfg.seed, num_samples=cfg.num_samples)
 
