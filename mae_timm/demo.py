@@ -64,7 +64,7 @@ def compare_config(cfg: DemoConfig, run_dir: Path) -> CompareConfig:
         data=str(run_dir / "shards"), arms="raw_pixels,scratch,mae", updates=cfg.steps, seeds=cfg.seeds,
         out=str(run_dir), holdout=cfg.holdout, encoder=dict(cfg.encoder), decoder=dict(cfg.decoder),
         batch_size=cfg.batch_size, blr=cfg.blr, mask_ratio=cfg.mask_ratio, crop_scale_min=cfg.crop_scale_min,
-        curve_points=3, knn_k="10,20,50", feature_blocks="1,4", pools="avg", probe_blr="1.0,0.1",
+        curve_points=3, knn_k="10,20,50", feature_blocks="1,4", pools="avg,flat", probe_blr="1.0,0.1",
         probe_epochs=str(cfg.probe_epochs), finetune_epochs=cfg.finetune_epochs, finetune_batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, device=cfg.device, keep_features=False,
     )

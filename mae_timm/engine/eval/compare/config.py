@@ -49,8 +49,8 @@ class CompareConfig:
     knn_k: str = "10,20,50,100"  # kNN k candidates (chosen on the hold-out)
     feature_blocks: str = "1,2,4"  # last-N-blocks candidates for the frozen features (capped at the depth)
     # pooling candidates: avg (mean of the patch tokens), token (class token, where there is one), flat (the patch
-    # tokens in grid order, spatial layout kept: patches x width features)
-    pools: str = "avg,token"
+    # tokens in grid order, spatial layout kept: patches x width features, stored in fp16)
+    pools: str = "avg,token,flat"
     probe_blr: str = "1.0,0.1,3.0"  # linear-probe base lr candidates (lr = blr * 1024 / 256)
     probe_epochs: str = "30,10"  # linear-probe epoch candidates
     finetune_epochs: int = 2  # fine-tune epochs; the best epoch on the hold-out is kept
