@@ -8,7 +8,7 @@ from mae_timm.data.gpu_aug import GpuAugment, random_resized_crop_boxes
 from mae_timm.data.hf_dataset import hf_dataset
 from mae_timm.data.loader import ShardLoader, create_loader
 from mae_timm.data.shard_index import index_shards
-from mae_timm.data.shard_set import resolve_shards, shards_for_reader, split_sources
+from mae_timm.data.shard_set import resolve_shards, shards_for_reader
 from mae_timm.data.shards import file_digest, read_info, write_shards, write_source
 from mae_timm.data.sources import DataError, Sample, SampleList, SourceData, fashion_mnist, imagefolder, read_idx
 from mae_timm.data.tiny_imagenet import TINY_IMAGENET_MD5, TINY_IMAGENET_URL, download, tiny_imagenet
@@ -36,7 +36,6 @@ __all__ = [
     "read_info",
     "resolve_shards",
     "shards_for_reader",
-    "split_sources",
     "tiny_imagenet",
     "write_shards",
     "write_source",

@@ -35,11 +35,11 @@ from webdataset.shardlists import expand_urls
 
 from mae_timm.data import remote
 from mae_timm.data.decode import IMAGE_FIELDS, MAX_PIXELS
-from mae_timm.data.shard_set import split_sources
 from mae_timm.data.shards import FORMAT_VERSION, INFO_NAME
 from mae_timm.data.sources import DataError
 from mae_timm.data.stream import RESERVED_NAME, json_label
 from mae_timm.utils import atomic_write
+from mae_timm.utils.settings import split_outside_braces
 
 __all__ = ["LABEL_KEYS", "index_shards", "shard_urls"]
 
@@ -55,7 +55,7 @@ def shard_urls(source: str) -> list[str]:
         if not urls:
             raise DataError(f"{source} holds no .tar shards")
         return urls
-    urls = [u for part in split_sources(source) for u in expand_urls(part)]
+    urls = [u for part in split_outside_braces(source) for u in expand_urls(part)]
     missing = [u for u in urls if _is_local(u) and not os.path.isfile(_path(u))]
     if missing:
         raise DataError(f"{len(missing)} of {len(urls)} shards named by {source!r} are missing, first {missing[0]}")

@@ -17,7 +17,7 @@ from mae_timm.data.remote import RemoteError, read_url
 from mae_timm.data.shards import INFO_NAME, parse_info, read_info
 from mae_timm.data.sources import DataError
 
-__all__ = ["ShardSet", "resolve_shards", "shards_for_reader", "split_sources"]
+__all__ = ["ShardSet", "resolve_shards", "shards_for_reader"]
 
 
 @dataclass
@@ -79,18 +79,6 @@ def _lengths_from_stats(urls: list[str]) -> list[int] | None:
             return None
         lengths.append(count)
     return lengths
-
-
-def split_sources(text: str) -> list[str]:
-    """A comma-separated list of shard sources, split at the commas outside braces: ``a.tar,b.tar`` is two,
-    ``shard-{train,val}-{0..3}.tar`` one brace pattern."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    return [p for p in parts + [text[start:]] if p]
 
 
 def remote_folder(source) -> str | None:

@@ -30,7 +30,7 @@ from mae_timm.utils.files import atomic_write
 
 __all__ = [
     "Allowed", "above", "add_config_arguments", "at_least", "check_settings", "check_warmup",
-    "config_from_args", "fraction", "load_config", "one_of", "save_config",
+    "config_from_args", "fraction", "load_config", "one_of", "save_config", "split_outside_braces",
 ]
 
 
@@ -69,6 +69,18 @@ def check_settings(config, rules: dict[str, Allowed], options: dict[str, str] | 
             option = (options or {}).get(name, _option_name(name))
             raise UserError(f"setting {name} ({option}) is {value!r}; it must be {allowed.text}")
 
+
+
+def split_outside_braces(text: str) -> list[str]:
+    """Comma-separated items, split at the commas outside ``{...}`` and stripped: ``a,b{c,d}`` -> ``a``, ``b{c,d}``
+    (arm settings, brace patterns of shard names)."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [item.strip() for item in [*items, text[start:]] if item.strip()]
 
 
 def check_warmup(warmup: int, total: int, unit: str = "epochs") -> int:

@@ -19,8 +19,9 @@ from servers import Fault, FileServer
 from webdataset import ShardWriter
 
 from mae_timm.cli import main
-from mae_timm.data import DataError, create_loader, remote, split_sources
+from mae_timm.data import DataError, create_loader, remote
 from mae_timm.data.shard_index import index_shards
+from mae_timm.utils.settings import split_outside_braces
 
 COLORS = [(220, 30, 30), (30, 200, 40), (20, 40, 230), (240, 240, 20)]
 
@@ -118,8 +119,9 @@ def test_a_pattern_without_an_index_trains_with_num_samples_or_img2dataset_count
     one_line(pretrain_args(pattern, tmp_path / "r0"), capsys, "number of samples", "is unknown")
     assert main(pretrain_args(pattern, tmp_path / "r1", "--num-samples", "32")) == 0
     # a brace list is one pattern (its commas are not a list of sources), beside a plain comma-separated list
-    listed = f"{folder}/train-{{000000,000001}}.tar,{folder}/train-{{000002..000003}}.tar"
-    assert split_sources(listed) == [f"{folder}/train-{{000000,000001}}.tar", f"{folder}/train-{{000002..000003}}.tar"]
+    first, second = f"{folder}/train-{{000000,000001}}.tar", f"{folder}/train-{{000002..000003}}.tar"
+    listed = f"{first},{second}"
+    assert split_outside_braces(listed) == [first, second]
     assert main(pretrain_args(listed, tmp_path / "r2", "--num-samples", "32")) == 0
     for i in range(4):  # img2dataset writes NAME_stats.json beside each NAME.tar
         (folder / f"train-{i:06d}_stats.json").write_text(json.dumps({"count": 8, "successes": 8}))

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mae_timm import __version__
-from mae_timm.data import GpuAugment, create_loader, read_info, split_sources
+from mae_timm.data import GpuAugment, create_loader, read_info
 from mae_timm.data.synthetic import SyntheticImages
 from mae_timm.engine.train.config import PretrainConfig
 from mae_timm.engine.train.distributed import cleanup_distributed, init_distributed, lost_peer_message
@@ -32,6 +32,7 @@ from mae_timm.engine.train.resume import RunLock, agree_on_resume, check_resumab
 from mae_timm.engine.train.run_output import RunOutput
 from mae_timm.engine.train.trainer import build_trainer
 from mae_timm.utils import DistributedError, NonFiniteLossError, UserError, seed_everything
+from mae_timm.utils.settings import split_outside_braces
 
 __all__ = ["PretrainResult", "pretrain"]
 
@@ -138,7 +139,7 @@ def _create_loader(cfg: PretrainConfig, model: nn.Module, *, split: str, train: 
         return SyntheticImages(cfg.synthetic_samples, batch_size, img_size, cfg.seed, rank if train else 0, in_chans)
     if cfg.data is None:
         raise UserError("no data: pass --data SHARD_DIR (made by `mae-timm shards`) or --synthetic")
-    sources = split_sources(cfg.data)
+    sources = split_outside_braces(cfg.data)
     source = sources if len(sources) > 1 else cfg.data
     return create_loader(source, split, batch_size, train=train, img_size=img_size, in_chans=in_chans,
                          num_workers=cfg.num_workers, seed=cfg.seed, num_samples=cfg.num_samples)

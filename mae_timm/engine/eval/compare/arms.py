@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from mae_timm.utils import UserError
+from mae_timm.utils.settings import split_outside_braces
 
 __all__ = ["BUDGETS", "BUILTIN_ARMS", "RECIPE_SETTINGS", "REFERENCE", "Arm", "parse_arm", "parse_arms"]
 
@@ -101,17 +102,6 @@ def parse_arm(spelling: str) -> Arm:
     return Arm(name, pretext, settings, budget)
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Comma-separated items, commas inside {...} kept."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    return [item.strip() for item in [*items, text[start:]] if item.strip()]
-
-
 def _from_yaml(path: Path) -> list[str]:
     """An arms file: a list whose items are spellings or mappings ``{pretext: mae, settings: {...}, budget: wall}``."""
     try:
@@ -138,7 +128,7 @@ def _from_yaml(path: Path) -> list[str]:
 def parse_arms(text: str) -> list[Arm]:
     """``--arms``: comma-separated spellings, or the path of an arms YAML file (``.yaml`` / ``.yml``)."""
     path = Path(text.strip())
-    spellings = _from_yaml(path) if path.suffix in (".yaml", ".yml") and path.is_file() else _split_top_level(text)
+    spellings = _from_yaml(path) if path.suffix in (".yaml", ".yml") and path.is_file() else split_outside_braces(text)
     if path.suffix in (".yaml", ".yml") and not path.is_file():
         raise UserError(f"arms file {path} does not exist")
     arms = [parse_arm(s) for s in spellings]
