@@ -4,7 +4,7 @@ machine without it fails at once.
 Precision. On CUDA, ``auto`` is bf16 autocast. On the CPU, bf16 pays only where the CPU has bf16 matrix units
 (AMX-BF16 or AVX512-BF16, :func:`cpu_bf16_units`); elsewhere torch emulates bf16 and is slower than fp32, so
 ``auto`` keeps fp32 without measuring. Where it has them, pretraining times a few updates of each precision before
-choosing (``mae_timm.engine.train.precision``). Under CPU autocast the scaled-dot-product attention runs in fp32
+choosing (``mae_timm.engine.train.execution``). Under CPU autocast the scaled-dot-product attention runs in fp32
 (:class:`Fp32Attention`): the linear layers gain from bf16, while torch's CPU flash-attention backward in bf16 is
 several times slower than in fp32 (docs/benchmarks.md, CPU precision).
 """
@@ -65,7 +65,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a precision setting on a device, without measuring; None means no autocast (fp32).
 
     ``auto`` is bf16 on CUDA and fp32 on the CPU; pretraining replaces the CPU's ``auto`` by a timed choice where
-    the CPU has bf16 units (``mae_timm.engine.train.precision``).
+    the CPU has bf16 units (``mae_timm.engine.train.execution``).
     """
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
